@@ -1,0 +1,36 @@
+# treelora developer commands. `make test` is what CI runs (.ci/run); `make demo` is the main job.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# torch first, pinned to the CPU wheel, so that nothing later pulls a multi-GB CUDA build of torch.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install install-test demo test test-cpu test-interpreter bench lint
+
+install:
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -e .
+
+install-test:
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -e ".[test]"
+
+demo: install
+	$(PYTHON) -m treelora info
+	$(PYTHON) -m treelora demo
+
+# Both test lanes: CPU (everything that runs without a GPU) and the Triton interpreter lane.
+test: install-test
+	$(MAKE) test-cpu test-interpreter
+
+test-cpu:
+	$(PYTHON) -m pytest -m "not interpreter" -q
+
+test-interpreter:
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m interpreter -q
+
+bench: install-test
+	$(PYTHON) -m pytest bench --benchmark-only -q
+
+lint:
+	$(PYTHON) -m ruff check treelora tests bench setup.py
+	$(PYTHON) -m ruff format --check treelora tests bench setup.py

@@ -1,0 +1,61 @@
+// Shared helpers for treelora's CUDA C++ kernels: dtype/metric codes (mirrored in treelora/kernels/cuda_common.py),
+// error checking that turns CUDA failures into C++ exceptions (pybind11 maps them to Python RuntimeError), and a
+// device check every entry point runs first so a machine without a GPU gets a clear error instead of a crash.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace treelora {
+
+// Codes passed from Python; keep in sync with treelora/kernels/cuda_common.py.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class Metric : int { kDot = 0, kL1 = 1, kSqEuclidean = 2, kCosine = 3, kL1Normalized = 4 };
+
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline std::string describe(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+inline void check_cuda(cudaError_t err, const char* entry, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the (non-sticky) error so later calls are not blamed for it
+    throw CudaError(std::string("treelora._C.") + entry + ": " + what + " failed (" + describe(err) + ")");
+  }
+}
+
+// Empty string when a CUDA device is usable, else the runtime's explanation (no driver, no device, ...).
+inline std::string device_error_message() {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return describe(err);
+  }
+  if (count == 0) return "cudaGetDeviceCount returned 0 devices";
+  return "";
+}
+
+inline void require_device(const char* entry) {
+  std::string msg = device_error_message();
+  if (!msg.empty()) throw CudaError(std::string("treelora._C.") + entry + ": no usable CUDA device (" + msg + ")");
+}
+
+// Checks the launch that was just queued (configuration errors, missing kernel image for this GPU, ...).
+inline void check_launch(const char* entry) { check_cuda(cudaGetLastError(), entry, "kernel launch"); }
+
+inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+template <typename T>
+inline T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace treelora

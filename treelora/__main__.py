@@ -1,0 +1,5 @@
+import sys
+
+from treelora.cli import main
+
+sys.exit(main())
