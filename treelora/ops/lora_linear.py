@@ -228,6 +228,42 @@ def _torch_reasons(*args: Any) -> list[str]:
 backends.register(OP, "torch", TORCH_LAUNCHER, _torch_reasons)
 
 
+# --- triton backend: treelora/kernels/lora.py ---------------------------------------------------------------------
+
+
+def _triton_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank) -> list[str]:
+    why = backends.device_reasons_triton(x, weight, bias, lora_A, lora_B)
+    if why:
+        return why
+    from treelora.kernels import lora as triton_lora
+
+    return triton_lora.not_supported_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank)
+
+
+backends.register(
+    OP, "triton", _LazyLauncher("triton", "treelora.kernels.lora", "TRITON_LAUNCHER"), _triton_reasons,
+    environment=backends.triton_environment,
+)
+
+
+# --- cuda backend: csrc/lora.cu through treelora/kernels/cuda_lora.py -----------------------------------------------
+
+
+def _cuda_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank) -> list[str]:
+    why = backends.device_reasons_cuda(x, weight, bias, lora_A, lora_B)
+    if why:
+        return why
+    from treelora.kernels import cuda_lora
+
+    return cuda_lora.not_supported_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank)
+
+
+backends.register(
+    OP, "cuda", _LazyLauncher("cuda", "treelora.kernels.cuda_lora", "CUDA_LAUNCHER"), _cuda_reasons,
+    environment=lambda: backends.device_reasons_cuda(),
+)
+
+
 # --- validation and the public op ---------------------------------------------------------------------------------
 
 

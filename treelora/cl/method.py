@@ -1,0 +1,180 @@
+"""The interface every continual-learning method implements, and the trainer's calling order (SPEC 8).
+
+For each task ``k`` the trainer calls::
+
+    method.begin_task(k, steps_per_epoch, epochs)
+    for epoch in range(epochs):
+        method.begin_epoch(epoch)
+        for batch in loader:
+            loss = task_loss(model, batch)
+            loss = method.before_backward(loss)     # may add a regularizer
+            loss.backward()
+            method.after_backward()                 # may read gradients (signatures, Fisher, ...)
+            method.step()                           # the optimizer step (possibly sparse), then zero grads
+    method.end_task()
+
+The method owns its optimizer state (AdamW moments through :func:`treelora.ops.masked_adamw_`), so
+``state_dict()`` / ``load_state_dict()`` capture everything needed to resume mid-stream. ``layers`` are the modules
+returned by :func:`treelora.nn.inject_lora` (shallowest first) or PEFT LoRA layers; :func:`adapter_parameters`
+reads the trainable A and B of either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from treelora import ops
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings shared by every method (decoupled weight decay, as ``torch.optim.AdamW``)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+def adapter_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """The trainable ``(A, B)`` of a LoRA layer: A (r, in), B (out, r).
+
+    Works for treelora's ``LoRALinear`` (parameters ``lora_A`` / ``lora_B``) and PEFT's LoRA layers (module dicts
+    ``lora_A[name].weight`` / ``lora_B[name].weight``, using the active adapter).
+    """
+    A, B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+    if isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter):
+        return A, B
+    if isinstance(A, nn.ModuleDict) and isinstance(B, nn.ModuleDict):
+        active = getattr(layer, "active_adapters", None) or list(A.keys())
+        name = active[0]
+        return A[name].weight, B[name].weight
+    raise TypeError(
+        f"{type(layer).__name__} is not a LoRA layer: expected lora_A/lora_B parameters (treelora.nn.LoRALinear) "
+        "or PEFT's lora_A/lora_B module dicts"
+    )
+
+
+class ContinualMethod:
+    """Base method: plain sequential fine-tuning of the adapters (this is SeqLoRA's behaviour).
+
+    Args:
+        layers: the LoRA layers, shallowest first.
+        optimizer: AdamW settings for every trainable parameter.
+    """
+
+    name = "base"
+
+    def __init__(self, layers: Sequence[nn.Module], optimizer: OptimizerConfig | None = None) -> None:
+        if len(layers) == 0:
+            raise ValueError("layers is empty: pass the LoRA layers returned by treelora.nn.inject_lora")
+        self.layers = list(layers)
+        self.optim = optimizer or OptimizerConfig()
+        self.extra: list[nn.Parameter] = []
+        self.task_id = -1
+        self.epoch = 0
+        self.step_in_task = 0
+        self.global_step = 0
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- parameters ----------------------------------------------------------------------------------------------
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Trainable LoRA parameters, layer by layer: [A_0, B_0, A_1, B_1, ...]."""
+        return [p for layer in self.layers for p in adapter_parameters(layer) if p.requires_grad]
+
+    def add_parameters(self, params: Sequence[nn.Parameter]) -> None:
+        """Register extra trainable parameters (task heads, ...) updated densely with the same AdamW settings."""
+        known = {id(p) for p in self.extra}
+        self.extra.extend(p for p in params if id(p) not in known)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.adapter_parameters() + [p for p in self.extra if p.requires_grad]
+
+    # --- hooks ---------------------------------------------------------------------------------------------------
+
+    def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
+        self.task_id = task_id
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.step_in_task = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def before_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def after_backward(self) -> None:
+        return None
+
+    def step(self) -> None:
+        """One AdamW step over every parameter that has a gradient, then zero the gradients."""
+        self._adamw_step(self.parameters())
+        self.step_in_task += 1
+        self.global_step += 1
+
+    def end_task(self) -> None:
+        return None
+
+    # --- optimizer -----------------------------------------------------------------------------------------------
+
+    def _moments_for(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._moments.get(id(p))
+        if state is None or state[0].shape != p.shape:
+            state = (torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
+            self._moments[id(p)] = state
+        return state
+
+    def _adamw_step(self, params: Sequence[torch.Tensor], density: float | None = None,
+                    dense_params: Sequence[torch.Tensor] = ()) -> None:
+        """AdamW on ``params`` (top-``density`` entries by |grad| when given) and densely on ``dense_params``."""
+        o = self.optim
+        for group, rho in ((params, density), (dense_params, None)):
+            group = [p for p in group if p.grad is not None]
+            if not group:
+                continue
+            moments = [self._moments_for(p) for p in group]
+            ops.masked_adamw_(
+                [p.data for p in group], [p.grad for p in group], [m for m, _ in moments], [v for _, v in moments],
+                self.global_step + 1, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, density=rho,
+            )
+        for p in (*params, *dense_params):
+            p.grad = None
+
+    def reset_optimizer_state(self) -> None:
+        self._moments.clear()
+
+    # --- state ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        params = self.parameters()
+        return {
+            "name": self.name,
+            "task_id": self.task_id,
+            "epoch": self.epoch,
+            "step_in_task": self.step_in_task,
+            "global_step": self.global_step,
+            "optimizer": asdict(self.optim),
+            "moments": [
+                tuple(t.clone() for t in self._moments[id(p)]) if id(p) in self._moments else None for p in params
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state_dict is for method {state.get('name')!r}, not {self.name!r}")
+        self.task_id, self.epoch = state["task_id"], state["epoch"]
+        self.step_in_task, self.global_step = state["step_in_task"], state["global_step"]
+        params = self.parameters()
+        if len(state["moments"]) != len(params):
+            raise ValueError(f"state_dict holds optimizer moments for {len(state['moments'])} parameters, "
+                             f"this method has {len(params)}")
+        self._moments = {}
+        for p, mv in zip(params, state["moments"]):
+            if mv is not None:
+                self._moments[id(p)] = (mv[0].to(p.device).clone(), mv[1].to(p.device).clone())

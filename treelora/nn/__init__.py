@@ -1,0 +1,1 @@
+"""LoRA layers, model injection, merge/unmerge and PEFT-format adapter save/load."""
