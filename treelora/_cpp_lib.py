@@ -9,6 +9,7 @@ stream handle as integers.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +30,7 @@ def _read_build_info() -> dict[str, Any]:
 
 def _import_extension() -> tuple[ModuleType | None, str]:
     try:
-        from treelora import _C  # noqa: PLC0415
+        _C = importlib.import_module("treelora._C")
     except ImportError as err:
         info = _read_build_info()
         reason = info.get("reason") or f"import failed: {err}"

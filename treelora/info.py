@@ -32,7 +32,7 @@ def _devices() -> dict[str, Any]:
         {
             "index": i,
             "name": torch.cuda.get_device_name(i),
-            "capability": "sm_%d%d" % torch.cuda.get_device_capability(i),
+            "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(i)),
             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
         }
         for i in range(torch.cuda.device_count())
@@ -44,7 +44,8 @@ def _devices() -> dict[str, Any]:
 def _probe_inputs(device: torch.device) -> dict[str, tuple[tuple, dict]]:
     """A small typical input per op, to ask each backend whether it could run it on ``device``."""
     f32 = dict(device=device, dtype=torch.float32)
-    x, w, a, b = torch.zeros(4, 32, **f32), torch.zeros(32, 32, **f32), torch.zeros(8, 32, **f32), torch.zeros(32, 8, **f32)
+    x, w = torch.zeros(4, 32, **f32), torch.zeros(32, 32, **f32)
+    a, b = torch.zeros(8, 32, **f32), torch.zeros(32, 8, **f32)
     q, bank = torch.zeros(2, 16, **f32), torch.zeros(3, 2, 16, **f32)
     index = torch.zeros(2, dtype=torch.int64, device=device)
     p = [torch.zeros(8, **f32)]
