@@ -104,6 +104,18 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> i
     return torch.cuda.max_memory_allocated(device) - base
 
 
+@pytest.fixture(scope="session")
+def copy_gbps() -> float:
+    """Device-copy bandwidth (GB/s, read + write) measured once per run with a large ``copy_``: 1 GiB on GPU,
+    128 MiB on CPU. Memory-bound benchmarks report ``fraction_of_copy_bandwidth`` against it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = alternating_medians({"copy": lambda: dst.copy_(src)}, rounds=10, warmup=2, device=device)["copy"]
+    return 2 * n * 4 / seconds / 1e9
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     if config.getoption("benchmark_json", None) is not None or config.getoption("benchmark_disable", False):

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -43,9 +44,27 @@ inline std::string device_error_message() {
   return "";
 }
 
+// Every entry point calls this first. A usable device stays usable for the life of the process, so success is
+// cached and the check costs one relaxed atomic load per call after the first.
 inline void require_device(const char* entry) {
+  static std::atomic<bool> found{false};
+  if (found.load(std::memory_order_relaxed)) return;
   std::string msg = device_error_message();
   if (!msg.empty()) throw CudaError(std::string("treelora._C.") + entry + ": no usable CUDA device (" + msg + ")");
+  found.store(true, std::memory_order_relaxed);
+}
+
+// Number of SMs of the current device (grid sizing of the grid-stride kernels). A host-side attribute query: no
+// device synchronisation.
+inline int sm_count(const char* entry) {
+  int device = 0, count = 0;
+  check_cuda(cudaGetDevice(&device), entry, "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), entry, "cudaDeviceGetAttribute");
+  return count > 0 ? count : 1;
+}
+
+inline std::invalid_argument bad_argument(const char* entry, const std::string& what) {
+  return std::invalid_argument(std::string("treelora._C.") + entry + ": " + what);
 }
 
 // Checks the launch that was just queued (configuration errors, missing kernel image for this GPU, ...).

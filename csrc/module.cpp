@@ -13,6 +13,8 @@ namespace py = pybind11;
 
 namespace treelora {
 void bind_similarity(py::module_& m);
+void bind_masked_update(py::module_& m);
+void bind_lora(py::module_& m);
 }  // namespace treelora
 
 namespace {
@@ -44,4 +46,6 @@ PYBIND11_MODULE(_C, m) {
     return count;
   });
   treelora::bind_similarity(m);
+  treelora::bind_masked_update(m);
+  treelora::bind_lora(m);
 }

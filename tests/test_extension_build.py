@@ -31,7 +31,7 @@ def test_extension_was_built_for_the_default_architectures():
 def test_extension_call_without_gpu_raises_a_clear_error():
     assert _cpp_lib.device_error(), "expected the extension to find no usable GPU here"
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
-        _cpp_lib.module.similarity_gathered(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0)
+        _cpp_lib.module.similarity(0, 0, 0, 0, 0, 0, 0, 1, 1, 8, 8, 1, 1, 0, 0, 0)
     assert _cpp_lib.environment_reasons()[0].startswith("treelora._C finds no usable GPU")
 
 

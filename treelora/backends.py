@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
 # --- environment checks shared by the ops -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -30,8 +30,12 @@ class CompileSpec:
     num_stages: int = 3
 
 
-def compile_for_target(spec: CompileSpec, capability: int, warp_size: int = 32):
-    """Compile ``spec`` to a cubin for ``sm_<capability>`` without a GPU; returns triton's compiled kernel."""
+def compile_for_target(spec: CompileSpec, capability: int, warp_size: int = 32, aligned: bool = False):
+    """Compile ``spec`` to a cubin for ``sm_<capability>`` without a GPU; returns triton's compiled kernel.
+
+    ``aligned`` adds the divisibility-by-16 hints triton attaches at run time to pointers of contiguous tensors and
+    to integer sizes / strides that are multiples of 16, so the vectorised, pipelined variant that aligned shapes get
+    is compiled (without it, the generic variant is)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,6 +45,11 @@ def compile_for_target(spec: CompileSpec, capability: int, warp_size: int = 32):
     signature = dict(spec.signature)
     for name in spec.constexprs:
         signature.setdefault(name, "constexpr")
-    src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs))
+    attrs = {}
+    if aligned:
+        names = spec.kernel.arg_names
+        hinted = [n for n, t in signature.items() if t.startswith("*") or t in ("i32", "i64")]
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", capability, warp_size), options=options)

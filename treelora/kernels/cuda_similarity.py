@@ -1,33 +1,146 @@
-"""Launchers of the CUDA C++ similarity kernels in ``treelora._C`` (see csrc/similarity.cu)."""
+"""Launchers of the CUDA C++ similarity kernels in ``treelora._C`` (csrc/similarity.cu).
+
+Both forms take the flat layout: a query (S,), a bank (T, S) whose rows may be strided, and host layer offsets
+(L + 1 ints). The launcher cuts every layer into chunks of ``CHUNK_ELEMS`` elements (one block reduces one chunk of one
+bank row), caches the chunk numbering on the device and allocates the partial-sum workspace; the kernels then run
+without any host synchronisation.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from treelora import _cpp_lib
-from treelora.kernels.cuda_common import METRIC_CODES, device_int64, dtype_code, ptr, stream_handle
+from treelora.kernels import cuda_common as cc
 
-# Metrics the gathered kernel computes in one pass.
-GATHERED_METRICS = ("dot", "l1", "sqeuclidean")
-# Elements per (layer, chunk) block. 16K gives 128 blocks at (L, D) = (64, 32768), about one per H100 SM, and
-# 2464 at the 7B shape (32, 1.25M); not yet tuned on a GPU.
-_ELEMENTS_PER_BLOCK = 16384
+METRICS = ("dot", "l1", "sqeuclidean", "cosine", "l1_normalized")
+# Elements per (row, chunk) work item: 256 threads x 8 elements x 2 vector steps. At (L, D) = (64, 32768) the gathered
+# form has 512 items (about 4 per H100 SM) and the full form with T = 16 has 8192; the 7B shape (32 x 1.25M, T = 10)
+# has ~98K. Not yet tuned on a GPU.
+CHUNK_ELEMS = 4096
 
 
-def launch_gathered(
-    query: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, offsets: tuple[int, ...], metric: str
+@functools.lru_cache(maxsize=256)
+def chunk_layout(offsets: tuple[int, ...], chunk_elems: int) -> tuple[tuple[int, ...], int]:
+    """Per-layer chunk prefix (L + 1 ints) and the total number of chunks for layer boundaries ``offsets``."""
+    prefix = [0]
+    for lo, hi in zip(offsets, offsets[1:]):
+        prefix.append(prefix[-1] + -(-(hi - lo) // chunk_elems))
+    return tuple(prefix), prefix[-1]
+
+
+def _check_flat(query: torch.Tensor, bank: torch.Tensor, offsets: tuple[int, ...]) -> None:
+    if query.dim() != 1 or not query.is_contiguous():
+        raise ValueError(f"query must be a contiguous (S,) tensor, got shape {tuple(query.shape)}")
+    if bank.dim() != 2 or bank.shape[1] != query.shape[0] or bank.stride(1) != 1:
+        raise ValueError(f"bank must be (T, {query.shape[0]}) with unit column stride, got {tuple(bank.shape)}")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != query.shape[0]:
+        raise ValueError(f"offsets must run from 0 to {query.shape[0]}, got {list(offsets)}")
+
+
+def similarity(
+    query: torch.Tensor, bank: torch.Tensor, offsets: tuple[int, ...], metric: str, index: torch.Tensor | None
 ) -> torch.Tensor:
-    """Launch the gathered kernel. query (S,) contiguous, bank (T, S) contiguous, index (L,) int64 on the device."""
-    C = _cpp_lib.require("similarity_gathered")
+    """Full (T, L) or, with ``index`` (L,) int64 on the device, gathered (L,) fp32 similarity.
+
+    query (S,) contiguous fp32/fp16/bf16; bank (T, S) with unit column stride; offsets: L + 1 host ints.
+    """
+    C = _cpp_lib.require("similarity")
+    _check_flat(query, bank, offsets)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     num_layers = len(offsets) - 1
-    widest = max(offsets[i + 1] - offsets[i] for i in range(num_layers))
-    num_chunks = max(1, min(65535, -(-widest // _ELEMENTS_PER_BLOCK)))
+    T = bank.shape[0]
     device = query.device
-    out = torch.empty(num_layers, dtype=torch.float32, device=device)
-    workspace = torch.empty(C.similarity_gathered_workspace(num_layers, num_chunks), dtype=torch.float32, device=device)
-    C.similarity_gathered(
-        ptr(query), dtype_code(query, "query"), ptr(bank), dtype_code(bank, "bank"), ptr(index),
-        ptr(device_int64(offsets, device)), ptr(workspace), ptr(out), num_layers, bank.shape[1], num_chunks,
-        METRIC_CODES[metric], stream_handle(device),
+    gathered = index is not None
+    if gathered and (index.dtype != torch.int64 or index.shape != (num_layers,) or not index.is_contiguous()):
+        raise ValueError(f"index must be a contiguous ({num_layers},) int64 tensor")
+    if not gathered and T == 0:
+        return torch.empty(0, num_layers, dtype=torch.float32, device=device)
+    prefix, total = chunk_layout(offsets, CHUNK_ELEMS)
+    out = torch.empty(num_layers if gathered else (T, num_layers), dtype=torch.float32, device=device)
+    workspace = torch.empty(
+        C.similarity_workspace_size(T, num_layers, total, gathered), dtype=torch.float32, device=device
     )
+    with cc.device_guard(device):
+        C.similarity(
+            cc.ptr(query),
+            cc.dtype_code(query, "query"),
+            cc.ptr(bank),
+            cc.dtype_code(bank, "bank"),
+            cc.ptr(index),
+            cc.ptr(cc.device_int64(offsets, device)),
+            cc.ptr(cc.device_int64(prefix, device)),
+            num_layers,
+            T,
+            bank.stride(0),
+            CHUNK_ELEMS,
+            total,
+            cc.METRIC_CODES[metric],
+            cc.ptr(workspace),
+            cc.ptr(out),
+            cc.stream_handle(device),
+        )
+    return out
+
+
+def accumulate_and_compare(
+    mean: torch.Tensor,
+    sample: torch.Tensor,
+    count: float | torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    offsets: tuple[int, ...],
+    metric: str,
+) -> torch.Tensor:
+    """``mean += (sample - mean) / count`` in place, then the gathered similarity of the updated mean, in one pass.
+
+    mean (S,) contiguous fp32; sample (S,) contiguous fp32/fp16/bf16; count a number or a 1-element tensor (read
+    on the device); bank (T, S) with unit column stride; index (L,) int64 on the device; offsets L + 1 host ints.
+    """
+    C = _cpp_lib.require("similarity_accumulate")
+    _check_flat(mean, bank, offsets)
+    if mean.dtype != torch.float32:
+        raise TypeError(f"mean must be fp32 for the CUDA kernel, got {mean.dtype}")
+    if sample.shape != mean.shape or not sample.is_contiguous():
+        raise ValueError(f"sample must be a contiguous tensor of shape {tuple(mean.shape)}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    num_layers = len(offsets) - 1
+    if index.dtype != torch.int64 or index.shape != (num_layers,) or not index.is_contiguous():
+        raise ValueError(f"index must be a contiguous ({num_layers},) int64 tensor")
+    device = mean.device
+    count_dev = None
+    count_host = 1.0
+    if isinstance(count, torch.Tensor):
+        count_dev = count.detach().reshape(()).to(device=device, dtype=torch.float32)  # no host synchronisation
+    else:
+        count_host = float(count)
+    prefix, total = chunk_layout(offsets, CHUNK_ELEMS)
+    out = torch.empty(num_layers, dtype=torch.float32, device=device)
+    workspace = torch.empty(C.similarity_workspace_size(1, num_layers, total, True), dtype=torch.float32, device=device)
+    with cc.device_guard(device):
+        C.similarity_accumulate(
+            cc.ptr(mean),
+            cc.ptr(sample),
+            cc.dtype_code(sample, "sample"),
+            cc.ptr(count_dev),
+            count_host,
+            cc.ptr(bank),
+            cc.dtype_code(bank, "bank"),
+            cc.ptr(index),
+            cc.ptr(cc.device_int64(offsets, device)),
+            cc.ptr(cc.device_int64(prefix, device)),
+            num_layers,
+            bank.shape[0],
+            bank.stride(0),
+            CHUNK_ELEMS,
+            total,
+            cc.METRIC_CODES[metric],
+            cc.ptr(workspace),
+            cc.ptr(out),
+            cc.stream_handle(device),
+        )
     return out

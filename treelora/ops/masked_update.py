@@ -108,13 +108,143 @@ backends.register(OP_ADAMW, "torch", masked_adamw_ref_, lambda *a, **k: [])
 backends.register(OP_SGD, "torch", masked_sgd_ref_, lambda *a, **k: [])
 
 
+# --- triton backend: treelora/kernels/masked_update.py ------------------------------------------------------------
+
+
+def _triton_adamw_reasons(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> list[str]:
+    why = backends.device_reasons_triton(params[0])  # validation put every tensor on params[0]'s device
+    if why:
+        return why
+    from treelora.kernels import masked_update as triton_masked_update
+
+    return triton_masked_update.not_supported_reasons(
+        params, grads, [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)])
+
+
+def _triton_adamw(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> None:
+    from treelora.kernels import masked_update as triton_masked_update
+
+    triton_masked_update.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs)
+
+
+def _triton_sgd_reasons(params, grads, momentum_buffers, **kwargs) -> list[str]:
+    why = backends.device_reasons_triton(params[0])
+    if why:
+        return why
+    from treelora.kernels import masked_update as triton_masked_update
+
+    states = [("momentum_buffers", momentum_buffers)] if kwargs.get("momentum", 0.0) != 0.0 else []
+    return triton_masked_update.not_supported_reasons(params, grads, states)
+
+
+def _triton_sgd(params, grads, momentum_buffers, **kwargs) -> None:
+    from treelora.kernels import masked_update as triton_masked_update
+
+    triton_masked_update.masked_sgd_(params, grads, momentum_buffers, **kwargs)
+
+
+backends.register(OP_ADAMW, "triton", _triton_adamw, _triton_adamw_reasons, environment=backends.triton_environment)
+backends.register(OP_SGD, "triton", _triton_sgd, _triton_sgd_reasons, environment=backends.triton_environment)
+
+
+# --- cuda backend: csrc/masked_update.cu through treelora/kernels/cuda_masked_update.py ---------------------------
+
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda_reasons(params, grads, states: list, masks) -> list[str]:
+    why = backends.device_reasons_cuda(params[0])  # validation put every tensor on params[0]'s device
+    if why:
+        return why
+    for name, group in [("params", params), ("grads", grads), *states]:
+        bad = sorted({str(t.dtype) for t in group if t is not None and t.dtype not in _CUDA_DTYPES})
+        if bad:
+            why.append(
+                f"{name} hold {', '.join(bad)}: the CUDA kernel takes fp32, fp16 and bf16 (float64 runs on the "
+                "torch backend)"
+            )
+    for name, group in states:
+        if any(t is not None and not t.is_contiguous() for t in group):
+            why.append(f"{name} must be contiguous: the CUDA kernel updates them in place by flat index")
+    return why
+
+
+def _topk(params, density):
+    return None if density is None else [topk_count(p.numel(), density) for p in params]
+
+
+def _cuda_adamw_reasons(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> list[str]:
+    return _cuda_reasons(params, grads, [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)], kwargs.get("masks"))
+
+
+def _cuda_adamw(
+    params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas, eps, weight_decay, masks=None, density=None
+) -> None:
+    from treelora.kernels import cuda_masked_update
+
+    cuda_masked_update.masked_adamw(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        masks=masks,
+        topk=_topk(params, density),
+    )
+
+
+def _cuda_sgd_reasons(params, grads, momentum_buffers, **kwargs) -> list[str]:
+    states = [("momentum_buffers", momentum_buffers)] if kwargs.get("momentum", 0.0) != 0.0 else []
+    return _cuda_reasons(params, grads, states, kwargs.get("masks"))
+
+
+def _cuda_sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, weight_decay=0.0, masks=None, density=None) -> None:
+    from treelora.kernels import cuda_masked_update
+
+    cuda_masked_update.masked_sgd(
+        params,
+        grads,
+        momentum_buffers,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        masks=masks,
+        topk=_topk(params, density),
+    )
+
+
+backends.register(
+    OP_ADAMW, "cuda", _cuda_adamw, _cuda_adamw_reasons, environment=lambda: backends.device_reasons_cuda()
+)
+backends.register(OP_SGD, "cuda", _cuda_sgd, _cuda_sgd_reasons, environment=lambda: backends.device_reasons_cuda())
+
+
 # --- validation ---------------------------------------------------------------------------------------------------
+
+
+def _all_tensors(items: list) -> bool:
+    return all(isinstance(t, torch.Tensor) for t in items)
 
 
 def _check_group(name: str, tensors, params, *, allow_none: bool = False, dtypes=PARAM_DTYPES) -> list:
     tensors = check_nonempty_list(name, tensors)
     if len(tensors) != len(params):
         raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
+    # Fast path: whole-list comparisons (an optimizer step may pass ~450 tensors per list, and this check runs every
+    # step); the per-tensor loop below runs only to name the offending entry.
+    present = [t for t in tensors if t is not None] if allow_none else tensors
+    if (
+        _all_tensors(present)
+        and {t.dtype for t in present} <= set(dtypes)
+        and {t.device for t in present} <= {params[0].device}
+        and [t.shape for t in tensors if t is not None] == [p.shape for p, t in zip(params, tensors) if t is not None]
+    ):
+        return tensors
     for i, (t, p) in enumerate(zip(tensors, params)):
         if t is None and allow_none:
             continue
@@ -128,10 +258,19 @@ def _check_group(name: str, tensors, params, *, allow_none: bool = False, dtypes
 
 def _check_params(params) -> list:
     params = check_nonempty_list("params", params)
+    if (
+        _all_tensors(params)
+        and {p.dtype for p in params} <= set(PARAM_DTYPES)
+        and len({p.device for p in params}) == 1
+        and all(p.is_contiguous() for p in params)
+    ):
+        return params
     for i, p in enumerate(params):
         check_tensor(f"params[{i}]", p, dtypes=PARAM_DTYPES)
         if not p.is_contiguous():
             raise ValueError(f"params[{i}] must be contiguous (masked updates address entries by flat index)")
+        if p.device != params[0].device:
+            raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device} (one device only)")
     return params
 
 
@@ -161,13 +300,88 @@ def _check_selection(params, masks, density):
     return list(masks), None
 
 
-def _check_step(step) -> None:
+def _check_step(step, device: torch.device) -> None:
     if isinstance(step, torch.Tensor):
         if step.numel() != 1:
             raise ValueError(f"step must be a number or a 1-element tensor, got shape {tuple(step.shape)}")
+        if step.dtype == torch.bool or step.is_complex():
+            raise TypeError(f"step must hold a real number, got dtype {step.dtype}")
+        if step.device.type != "cpu" and step.device != device:
+            raise ValueError(f"step is on {step.device} but params are on {device} (a CPU tensor is also accepted)")
+        if step.device.type == "cpu" and not step.item() >= 1:
+            raise ValueError(f"step is the 1-based index of this update and must be >= 1, got {step.item()!r}")
         return
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 1 or not math.isfinite(step):
         raise ValueError(f"step is the 1-based index of this update and must be >= 1, got {step!r}")
+
+
+# --- custom ops (torch.library) -------------------------------------------------------------------------------------
+# The public functions below validate their arguments and call these ops, which pick the backend. Declaring the
+# mutated lists (``mutates_args``) lets torch.compile and functionalisation see the in-place update instead of
+# treating the kernels' writes as invisible side effects. The schemas are spelled out because the schema language has
+# no optional list: ``masks=[]`` stands for no masks, ``momentum_buffers=[]`` for no buffers.
+
+
+@torch.library.custom_op(
+    f"treelora::{OP_ADAMW}",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
+    schema="(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)[] exp_avgs, Tensor(a3!)[] exp_avg_sqs, float step, "
+    "Tensor? step_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, Tensor?[] masks, "
+    "float? density) -> ()",
+)
+def _masked_adamw_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step: float,
+    step_tensor: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    masks: list[torch.Tensor | None],
+    density: float | None,
+) -> None:
+    """``torch.ops.treelora.masked_adamw_`` on validated arguments; ``step_tensor``, when given, replaces ``step``."""
+    args = (params, grads, exp_avgs, exp_avg_sqs, step if step_tensor is None else step_tensor)
+    kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, masks=masks or None,
+                  density=density)
+    backends.select(OP_ADAMW, *args, **kwargs).fn(*args, **kwargs)
+
+
+@_masked_adamw_op.register_fake
+def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, step, step_tensor, lr, beta1, beta2, eps, weight_decay,
+                       masks, density) -> None:
+    return None
+
+
+@torch.library.custom_op(
+    f"treelora::{OP_SGD}",
+    mutates_args=("params", "momentum_buffers"),
+    schema="(Tensor(a0!)[] params, Tensor[] grads, Tensor(a2!)?[] momentum_buffers, float lr, float momentum, "
+    "float weight_decay, Tensor?[] masks, float? density) -> ()",
+)
+def _masked_sgd_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    masks: list[torch.Tensor | None],
+    density: float | None,
+) -> None:
+    """``torch.ops.treelora.masked_sgd_`` on validated arguments."""
+    buffers = momentum_buffers or None
+    kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, masks=masks or None, density=density)
+    backends.select(OP_SGD, params, grads, buffers, **kwargs).fn(params, grads, buffers, **kwargs)
+
+
+@_masked_sgd_op.register_fake
+def _masked_sgd_fake(params, grads, momentum_buffers, lr, momentum, weight_decay, masks, density) -> None:
+    return None
 
 
 # --- public ops ---------------------------------------------------------------------------------------------------
@@ -203,7 +417,7 @@ def masked_adamw_(
     grads = _check_group("grads", grads, params)
     exp_avgs = _check_group("exp_avgs", exp_avgs, params)
     exp_avg_sqs = _check_group("exp_avg_sqs", exp_avg_sqs, params)
-    _check_step(step)
+    _check_step(step, params[0].device)
     lr = check_finite_number("lr", lr, low=0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -212,10 +426,10 @@ def masked_adamw_(
     eps = check_finite_number("eps", eps, low=0.0, low_open=True)
     weight_decay = check_finite_number("weight_decay", weight_decay, low=0.0)
     masks, density = _check_selection(params, masks, density)
-    args = (params, grads, exp_avgs, exp_avg_sqs, step)
-    kwargs = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, masks=masks, density=density)
+    step_tensor = step if isinstance(step, torch.Tensor) else None
     with torch.no_grad():
-        backends.select(OP_ADAMW, *args, **kwargs).fn(*args, **kwargs)
+        _masked_adamw_op(params, grads, exp_avgs, exp_avg_sqs, 1.0 if step_tensor is not None else float(step),
+                         step_tensor, lr, b1, b2, eps, weight_decay, masks or [], density)
 
 
 def masked_sgd_(
@@ -246,6 +460,5 @@ def masked_sgd_(
     elif momentum_buffers is not None:
         momentum_buffers = _check_group("momentum_buffers", momentum_buffers, params, allow_none=True)
     masks, density = _check_selection(params, masks, density)
-    kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, masks=masks, density=density)
     with torch.no_grad():
-        backends.select(OP_SGD, params, grads, momentum_buffers, **kwargs).fn(params, grads, momentum_buffers, **kwargs)
+        _masked_sgd_op(params, grads, list(momentum_buffers or []), lr, momentum, weight_decay, masks or [], density)

@@ -194,37 +194,114 @@ def _torch_reasons(query, bank, metric="l1", index=None, offsets=None) -> list[s
     return []
 
 
+# --- triton backend: treelora/kernels/similarity.py ----------------------------------------------------------------
+
+
+def _triton_reasons(query, bank, metric="l1", index=None, offsets=None) -> list[str]:
+    why = backends.device_reasons_triton(query, bank, index)
+    if why:
+        return why
+    from treelora.kernels import similarity as triton_similarity
+
+    return triton_similarity.not_supported_reasons(query, bank, metric, index, offsets)
+
+
+def _triton_impl(query, bank, metric="l1", index=None, offsets=None):
+    from treelora.kernels import similarity as triton_similarity
+
+    return triton_similarity.pairwise_similarity(query, bank, metric, index, offsets)
+
+
+def _accumulate_triton_reasons(mean, sample, count, bank, index, metric="l1", offsets=None) -> list[str]:
+    why = backends.device_reasons_triton(mean, sample, bank, index)
+    if why:
+        return why
+    from treelora.kernels import similarity as triton_similarity
+
+    return triton_similarity.accumulate_not_supported_reasons(mean, sample, count, bank, index, metric, offsets)
+
+
+def _accumulate_triton(mean, sample, count, bank, index, metric="l1", offsets=None):
+    from treelora.kernels import similarity as triton_similarity
+
+    return triton_similarity.accumulate_and_compare_(mean, sample, count, bank, index, metric, offsets)
+
+
+backends.register(OP, "triton", _triton_impl, _triton_reasons, environment=backends.triton_environment)
+backends.register(OP_ACCUMULATE, "triton", _accumulate_triton, _accumulate_triton_reasons,
+                  environment=backends.triton_environment)
+
+
 # --- cuda backend -------------------------------------------------------------------------------------------------
+
+
+def _cuda_dtype_reasons(**tensors) -> list[str]:
+    return [
+        f"{name} is {t.dtype}: the CUDA extension takes fp32, fp16 and bf16 (float64 runs on the torch backend)"
+        for name, t in tensors.items()
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    ]
 
 
 def _cuda_reasons(query, bank, metric="l1", index=None, offsets=None) -> list[str]:
     why = backends.device_reasons_cuda(query, bank, index)
-    if why:
-        return why
-    from treelora.kernels.cuda_similarity import GATHERED_METRICS
+    return why or _cuda_dtype_reasons(query=query, bank=bank)
 
-    if index is None:
-        why.append("the CUDA extension implements the gathered form only (pass index)")
-    if metric not in GATHERED_METRICS:
-        why.append(f"metric {metric!r} is not implemented in the CUDA extension (has {GATHERED_METRICS})")
-    if query.dtype == torch.float64 or bank.dtype == torch.float64:
-        why.append("float64 inputs are served by the torch backend")
-    return why
+
+def _flat_layout(query: torch.Tensor, bank: torch.Tensor, offsets):
+    """The kernels' flat layout: query (S,), bank (T, S) (views when the inputs allow), layer boundaries."""
+    if offsets is not None:
+        return query.contiguous(), bank if bank.stride(1) == 1 else bank.contiguous(), tuple(offsets)
+    L, D = query.shape
+    flat_bank = bank.reshape(bank.shape[0], L * D)
+    if flat_bank.stride(1) != 1:
+        flat_bank = flat_bank.contiguous()
+    return query.reshape(L * D).contiguous(), flat_bank, tuple(range(0, L * D + 1, D))
 
 
 def _cuda_impl(query, bank, metric="l1", index=None, offsets=None):
-    from treelora.kernels.cuda_similarity import launch_gathered
+    from treelora.kernels import cuda_similarity
 
-    if offsets is None:
-        L, D = query.shape
-        offsets = tuple(range(0, L * D + 1, D))
-        bank = bank.reshape(bank.shape[0], L * D)
-        query = query.reshape(L * D)
-    return launch_gathered(query.contiguous(), bank.contiguous(), index.long().contiguous(), offsets, metric)
+    q, g, bounds = _flat_layout(query, bank, offsets)
+    idx = None if index is None else index.long().contiguous()
+    return cuda_similarity.similarity(q, g, bounds, metric, idx)
+
+
+def _cuda_accumulate_reasons(mean, sample, count, bank, index, metric="l1", offsets=None) -> list[str]:
+    tensors = (mean, sample, bank, index) + ((count,) if isinstance(count, torch.Tensor) else ())
+    why = backends.device_reasons_cuda(*tensors)
+    if why:
+        return why
+    why = _cuda_dtype_reasons(sample=sample, bank=bank)
+    if mean.dtype != torch.float32:
+        why.append(f"mean is {mean.dtype}: the CUDA kernel keeps an fp32 running mean")
+    if not mean.is_contiguous():
+        why.append("mean must be contiguous: the CUDA kernel updates it in place through a flat view")
+    return why
+
+
+def _cuda_accumulate(mean, sample, count, bank, index, metric="l1", offsets=None):
+    from treelora.kernels import cuda_similarity
+
+    _, g, bounds = _flat_layout(mean, bank, offsets)
+    flat_mean = mean.view(-1)
+    flat_sample = sample.reshape(-1).contiguous()
+    return cuda_similarity.accumulate_and_compare(
+        flat_mean, flat_sample, count, g, index.long().contiguous(), bounds, metric
+    )
+
+
+backends.register(OP, "cuda", _cuda_impl, _cuda_reasons, environment=lambda: backends.device_reasons_cuda())
+backends.register(
+    OP_ACCUMULATE,
+    "cuda",
+    _cuda_accumulate,
+    _cuda_accumulate_reasons,
+    environment=lambda: backends.device_reasons_cuda(),
+)
 
 
 backends.register(OP, "torch", _torch_impl, _torch_reasons)
-backends.register(OP, "cuda", _cuda_impl, _cuda_reasons, environment=lambda: backends.device_reasons_cuda())
 
 
 # --- public ops ---------------------------------------------------------------------------------------------------
@@ -286,6 +363,8 @@ def accumulate_and_compare_(
     Returns:
         (L,) gathered similarity.
     """
+    if index is None:
+        raise ValueError("index is required: accumulate_and_compare_ returns the gathered (L,) form")
     bounds = _validate(mean, bank, metric, index, offsets)
     check_tensor("sample", sample, dtypes=FLOAT_DTYPES, device=mean.device)
     if sample.shape != mean.shape:
@@ -295,6 +374,8 @@ def accumulate_and_compare_(
     if isinstance(count, torch.Tensor):
         if count.numel() != 1:
             raise ValueError(f"count must be a number or a 0-d tensor, got shape {tuple(count.shape)}")
+        if count.device.type != "cpu" and count.device != mean.device:
+            raise ValueError(f"count is on {count.device} but mean is on {mean.device}")
     elif not float(count) >= 1:
         raise ValueError(f"count must be >= 1 (the number of observations including sample), got {count!r}")
     with torch.no_grad():

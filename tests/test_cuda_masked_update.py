@@ -1,0 +1,185 @@
+"""The cuda backend of masked_adamw_ / masked_sgd_ against the float64 reference and the torch backend, for every
+selection form (all, bool/uint8 masks, index lists with duplicates, top-ρ density), fp32/fp16/bf16 parameters with
+fp32 moments, awkward sizes, and the "untouched" semantics entry by entry (values and moments bit-identical outside
+the selection). The radix select must find exactly the threshold of the reference. Needs a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.utils import assert_close_to_ref
+from treelora import use_backend
+from treelora.kernels import cuda_masked_update
+from treelora.ops.masked_update import (
+    density_threshold_ref,
+    masked_adamw_,
+    masked_adamw_ref_,
+    masked_sgd_,
+    masked_sgd_ref_,
+    selection_mask,
+    topk_count,
+)
+
+pytestmark = [pytest.mark.requires_cuda, pytest.mark.requires_cuda_ext]
+DEVICE = "cuda"
+
+# Awkward sizes: not multiples of the 4-entry groups or of the 4096-entry chunks, a single entry, an empty tensor.
+SHAPES = [(37, 5), (4096,), (4097,), (3, 64), (0,), (1,), (1000,)]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SELECTIONS = ["all", "bool", "uint8", "index", "mixed", "density-0.01", "density-0.3", "density-1"]
+
+
+def _tensors(dtype, shapes=SHAPES):
+    params = [torch.randn(s, device=DEVICE).to(dtype) for s in shapes]
+    grads = [torch.randn(s, device=DEVICE).to(dtype) for s in shapes]
+    m = [torch.randn(s, device=DEVICE) * 0.1 for s in shapes]
+    v = [torch.rand(s, device=DEVICE) * 0.1 for s in shapes]
+    return params, grads, m, v
+
+
+def _selection(kind, params):
+    """(masks, density) for a selection kind."""
+    if kind == "all":
+        return None, None
+    if kind.startswith("density"):
+        return None, float(kind.split("-")[1])
+    masks = []
+    for i, p in enumerate(params):
+        n = p.numel()
+        if kind == "bool" or (kind == "mixed" and i % 3 == 0):
+            masks.append(torch.rand(p.shape, device=DEVICE) < 0.3)
+        elif kind == "uint8" or (kind == "mixed" and i % 3 == 1):
+            masks.append((torch.rand(p.shape, device=DEVICE) < 0.3).to(torch.uint8) * 7)  # nonzero = selected
+        elif kind == "index" or (kind == "mixed" and i % 3 == 2 and n):
+            idx = (
+                torch.randint(0, max(n, 1), (n // 3 + 1,), device=DEVICE)
+                if n
+                else torch.zeros(0, dtype=torch.long, device=DEVICE)
+            )
+            masks.append(torch.cat([idx, idx[:2]]))  # duplicates count once
+        else:
+            masks.append(None)
+    return masks, None
+
+
+def _clone(*groups):
+    return [[t.clone() for t in g] for g in groups]
+
+
+def _assert_untouched(name, before, after, selected):
+    """Entries outside the selection keep their exact bit patterns."""
+    for i, (b, a, s) in enumerate(zip(before, after, selected)):
+        bits = torch.int16 if b.element_size() == 2 else torch.int32
+        keep = ~s
+        assert torch.equal(b.view(bits)[keep], a.view(bits)[keep]), f"{name}[{i}]: an unselected entry's bits changed"
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=lambda d: str(d)[6:])
+def test_adamw_matches_reference_and_leaves_the_rest_untouched(dtype, selection):
+    params, grads, m, v = _tensors(dtype)
+    masks, density = _selection(selection, params)
+    selected = [
+        selection_mask(p, g, None if masks is None else masks[i], density)
+        for i, (p, g) in enumerate(zip(params, grads))
+    ]
+    kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05, masks=masks, density=density)
+    ref = [[t.double() for t in g] for g in (params, grads, m, v)]
+    masked_adamw_ref_(*ref, 5, **{**kw, "masks": masks})
+    base = _clone(params, grads, m, v)
+    with use_backend("torch"):
+        masked_adamw_(*base, 5, **kw)
+    out = _clone(params, grads, m, v)
+    with use_backend("cuda"):
+        masked_adamw_(*out, 5, **kw)
+    for i in range(len(params)):
+        assert_close_to_ref(f"param[{i}]", out[0][i], ref[0][i], base[0][i], dtype=dtype)
+        assert_close_to_ref(f"exp_avg[{i}]", out[2][i], ref[2][i], base[2][i], dtype=torch.float32)
+        assert_close_to_ref(f"exp_avg_sq[{i}]", out[3][i], ref[3][i], base[3][i], dtype=torch.float32)
+    _assert_untouched("params", params, out[0], selected)
+    _assert_untouched("exp_avgs", m, out[2], selected)
+    _assert_untouched("exp_avg_sqs", v, out[3], selected)
+
+
+@pytest.mark.parametrize("selection", ["all", "mixed", "density-0.3"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=lambda d: str(d)[6:])
+def test_sgd_matches_reference_and_leaves_the_rest_untouched(dtype, momentum, selection):
+    params, grads, bufs, _ = _tensors(dtype)
+    masks, density = _selection(selection, params)
+    selected = [
+        selection_mask(p, g, None if masks is None else masks[i], density)
+        for i, (p, g) in enumerate(zip(params, grads))
+    ]
+    kw = dict(lr=0.1, momentum=momentum, weight_decay=0.05, masks=masks, density=density)
+    ref = [[t.double() for t in g] for g in (params, grads, bufs)]
+    masked_sgd_ref_(*ref, **kw)
+    base = _clone(params, grads, bufs)
+    with use_backend("torch"):
+        masked_sgd_(*base, **kw)
+    out = _clone(params, grads, bufs)
+    with use_backend("cuda"):
+        masked_sgd_(out[0], out[1], out[2] if momentum else None, **kw)
+    for i in range(len(params)):
+        assert_close_to_ref(f"param[{i}]", out[0][i], ref[0][i], base[0][i], dtype=dtype)
+        if momentum:
+            assert_close_to_ref(f"buffer[{i}]", out[2][i], ref[2][i], base[2][i], dtype=torch.float32)
+    _assert_untouched("params", params, out[0], selected)
+    _assert_untouched(
+        "momentum_buffers", bufs, out[2], selected if momentum else [torch.zeros_like(s) for s in selected]
+    )
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=lambda d: str(d)[6:])
+def test_radix_select_finds_the_exact_threshold(dtype):
+    grads = [torch.randn(s, device=DEVICE).to(dtype) for s in [(5000,), (37, 5), (1,), (64,)]]
+    grads.append(torch.randint(-3, 4, (3000,), device=DEVICE).to(dtype))  # heavy ties
+    grads.append(torch.zeros(100, device=DEVICE, dtype=dtype))  # all equal
+    for density in (1e-4, 0.01, 0.3, 0.999, 1.0):
+        ks = [topk_count(g.numel(), density) for g in grads]
+        out = cuda_masked_update.density_thresholds(grads, ks)
+        for i, g in enumerate(grads):
+            expect = density_threshold_ref(g, density).float()
+            assert out[i].item() == expect.item(), f"tensor {i}, density {density}: {out[i].item()} != {expect}"
+
+
+def test_step_on_the_device_matches_a_host_step():
+    params, grads, m, v = _tensors(torch.float32)
+    a = _clone(params, grads, m, v)
+    b = _clone(params, grads, m, v)
+    with use_backend("cuda"):
+        masked_adamw_(*a, 17, lr=1e-2, density=0.1)
+        masked_adamw_(*b, torch.tensor(17, device=DEVICE), lr=1e-2, density=0.1)
+    for x, y in zip(a[0] + a[2] + a[3], b[0] + b[2] + b[3]):
+        assert_close_to_ref("device step", x, y.double(), dtype=torch.float32)
+
+
+def test_many_tensors_and_misaligned_views():
+    """300 tensors in one call, some of them views that start off the 16-byte grid (the scalar path)."""
+    storage = torch.randn(300 * 41 + 3, device=DEVICE)
+    params = [storage[1 + 41 * i : 1 + 41 * i + 40] for i in range(300)]
+    grads = [torch.randn(40, device=DEVICE) for _ in range(300)]
+    m = [torch.zeros(40, device=DEVICE) for _ in range(300)]
+    v = [torch.zeros(40, device=DEVICE) for _ in range(300)]
+    masks = [torch.rand(40, device=DEVICE) < 0.5 for _ in range(300)]
+    ref = [[t.double() for t in g] for g in (params, grads, m, v)]
+    masked_adamw_ref_(*ref, 1, lr=0.1, masks=masks)
+    before = [p.clone() for p in params]
+    with use_backend("cuda"):
+        masked_adamw_(params, grads, m, v, 1, lr=0.1, masks=masks)
+    for i in range(300):
+        assert_close_to_ref(f"param[{i}]", params[i], ref[0][i], dtype=torch.float32)
+    _assert_untouched("params", before, params, masks)
+
+
+def test_repeated_steps_reuse_the_cached_table():
+    params, grads, m, v = _tensors(torch.float32, [(100,), (7, 9)])
+    ref = [[t.double() for t in g] for g in (params, grads, m, v)]
+    with use_backend("cuda"):
+        for step in (1, 2, 3):
+            masked_adamw_(params, grads, m, v, step, lr=0.05, density=0.5)
+    for step in (1, 2, 3):
+        masked_adamw_ref_(*ref, step, lr=0.05, density=0.5)
+    for i in range(2):
+        assert_close_to_ref(f"param[{i}] after 3 steps", params[i], ref[0][i], dtype=torch.float32)

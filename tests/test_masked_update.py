@@ -1,0 +1,324 @@
+"""Sparse masked AdamW / SGD (SPEC 3.3) on every backend that can run here, against the float64 reference.
+
+Every case checks the contract entry by entry: unselected entries of the parameter and of its optimizer state keep
+their exact bits (``torch.equal``), selected entries match the float64 reference. The torch backend runs in the CPU
+lane, the Triton kernels in the interpreter lane (or on a GPU), the CUDA extension on a GPU when it implements the op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import treelora
+from tests.conftest import HAS_CUDA, INTERPRET
+from tests.utils import assert_close_to_ref
+from treelora import backends, ops
+from treelora.ops.masked_update import OP_ADAMW, OP_SGD, density_threshold_ref, selection_mask
+
+DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.requires_triton], id="triton"),
+    pytest.param("cuda", marks=[pytest.mark.requires_cuda, pytest.mark.requires_cuda_ext], id="cuda"),
+]
+# Awkward sizes: one entry, an odd count, more than one 2048-entry kernel block, an empty tensor, a 2-D tensor.
+SHAPES = [(1,), (3,), (2500,), (0,), (16, 12)]
+SELECTIONS = ["all", "bool", "uint8", "index", "mixed", "empty", "density-0.01", "density-0.3", "density-1", "ties"]
+LR, BETAS, EPS, WD = 0.1, (0.8, 0.95), 1e-6, 0.1
+
+
+def _grads(kind: str, gen: torch.Generator) -> list[torch.Tensor]:
+    if kind == "ties":
+        # Magnitudes on a coarse grid (0, 0.5, ..., 2) with zeros: at density 0.3 the threshold falls inside a run of
+        # equal |g| and every tied entry must be selected.
+        return [torch.randint(-4, 5, s, generator=gen).float() / 2 for s in SHAPES]
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _selections(kind: str, gen: torch.Generator):
+    """(masks, density) arguments for the tensors of SHAPES."""
+    numels = [torch.Size(s).numel() for s in SHAPES]
+    if kind == "all":
+        return None, None
+    if kind.startswith("density"):
+        return None, float(kind.split("-")[1])
+    if kind == "ties":
+        return None, 0.3
+    if kind == "bool":
+        return [torch.rand(s, generator=gen) < 0.3 for s in SHAPES], None
+    if kind == "uint8":
+        return [(torch.rand(s, generator=gen) < 0.5).to(torch.uint8) for s in SHAPES], None
+    if kind == "index":  # duplicates count once
+        return [torch.randint(0, max(n, 1), (n // 3 + 2 if n else 0,), generator=gen) for n in numels], None
+    if kind == "mixed":
+        return [
+            torch.tensor([0]),
+            None,
+            torch.rand(2500, generator=gen) < 0.1,
+            torch.zeros(0, dtype=torch.bool),
+            torch.tensor([5, 7, 5, 191]),
+        ], None
+    if kind == "empty":
+        return [
+            torch.zeros(s, dtype=torch.bool) if i % 2 else torch.zeros(0, dtype=torch.int64)
+            for i, s in enumerate(SHAPES)
+        ], None
+    raise AssertionError(kind)
+
+
+def _state(kind, param_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(param_dtype) for s in SHAPES]
+    grads = [g.to(param_dtype) for g in _grads(kind, gen)]
+    exp_avgs = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
+    exp_avg_sqs = [torch.rand(s, generator=gen) * 0.1 for s in SHAPES]
+    masks, density = _selections(kind, gen)
+    to = lambda ts: None if ts is None else [None if t is None else t.to(DEVICE) for t in ts]
+    return to(params), to(grads), to(exp_avgs), to(exp_avg_sqs), to(masks), density
+
+
+def _run(backend, op, fn, *args, **kwargs):
+    if backend == "cuda":
+        why = backends.explain(op, *args, **kwargs)["cuda"] if "cuda" in backends.backends_for(op) else ["none"]
+        if why:
+            pytest.skip("cuda backend: " + "; ".join(why))
+    with treelora.use_backend(backend):
+        fn()
+
+
+def _check_entrywise(name, new, old, ref64, selected):
+    """Unselected entries keep their bits; selected ones match the float64 reference."""
+    for i, (t, before, want, sel) in enumerate(zip(new, old, ref64, selected)):
+        assert torch.equal(t[~sel], before[~sel]), f"{name}[{i}]: an unselected entry changed"
+        assert_close_to_ref(f"{name}[{i}]", t[sel], want[sel], dtype=t.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step_kind", ["int", "tensor"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", SELECTIONS)
+def test_masked_adamw_matches_float64_reference_and_leaves_unselected_bits(backend, kind, param_dtype, step_kind):
+    params, grads, exp_avgs, exp_avg_sqs, masks, density = _state(kind, param_dtype)
+    old = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+    selected = [
+        selection_mask(p, g, None if masks is None else masks[i], density)
+        for i, (p, g) in enumerate(zip(params, grads))
+    ]
+    ref64 = [[t.double() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    ops.masked_adamw_ref_(*ref64, 3, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, masks=masks, density=density)
+    step = 3 if step_kind == "int" else torch.tensor(3.0, device=DEVICE)
+    kwargs = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, masks=masks, density=density)
+    _run(
+        backend,
+        OP_ADAMW,
+        lambda: ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs),
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step,
+        **kwargs,
+    )
+    for name, new, before, want in zip(
+        ("param", "exp_avg", "exp_avg_sq"), (params, exp_avgs, exp_avg_sqs), old, (ref64[0], ref64[2], ref64[3])
+    ):
+        _check_entrywise(f"{kind} {name}", new, before, want, selected)
+    if kind == "empty":
+        assert all(torch.equal(p, o) for p, o in zip(params, old[0]))
+    if kind in ("all", "density-1"):
+        assert all(s.all() for s in selected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("kind", ["all", "bool", "index", "density-0.3", "ties"])
+def test_masked_sgd_matches_float64_reference_and_leaves_unselected_bits(backend, kind, momentum):
+    params, grads, buffers, _, masks, density = _state(kind, torch.float32, seed=1)
+    buffers = buffers if momentum else None
+    old = [[t.clone() for t in ts] for ts in (params, buffers or params)]
+    selected = [
+        selection_mask(p, g, None if masks is None else masks[i], density)
+        for i, (p, g) in enumerate(zip(params, grads))
+    ]
+    ref64 = [[t.double() for t in ts] for ts in (params, grads, buffers or params)]
+    ops.masked_sgd_ref_(
+        ref64[0],
+        ref64[1],
+        ref64[2] if momentum else None,
+        lr=LR,
+        momentum=momentum,
+        weight_decay=WD,
+        masks=masks,
+        density=density,
+    )
+    kwargs = dict(lr=LR, momentum=momentum, weight_decay=WD, masks=masks, density=density)
+    _run(backend, OP_SGD, lambda: ops.masked_sgd_(params, grads, buffers, **kwargs), params, grads, buffers, **kwargs)
+    _check_entrywise(f"{kind} param", params, old[0], ref64[0], selected)
+    if momentum:
+        _check_entrywise(f"{kind} momentum", buffers, old[1], ref64[2], selected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_adamw_mixed_dtypes_in_one_call(backend):
+    """fp32 and bf16 parameters (two launch groups in the kernel backends), fp16 moments for one of them."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(40, generator=gen), torch.randn(33, generator=gen).bfloat16(), torch.randn(7, generator=gen)]
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    exp_avgs = [torch.zeros(40), torch.zeros(33), torch.zeros(7, dtype=torch.float16)]
+    exp_avg_sqs = [torch.zeros(40), torch.zeros(33), torch.zeros(7, dtype=torch.float16)]
+    lists = [[t.to(DEVICE) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    ref64 = [[t.double() for t in ts] for ts in lists]
+    ops.masked_adamw_ref_(*ref64, 1, lr=LR, density=0.5)
+    _run(backend, OP_ADAMW, lambda: ops.masked_adamw_(*lists, 1, lr=LR, density=0.5), *lists, 1, lr=LR, density=0.5)
+    for i in range(3):
+        for got, want in zip((lists[0][i], lists[2][i], lists[3][i]), (ref64[0][i], ref64[2][i], ref64[3][i])):
+            assert_close_to_ref(f"tensor {i}", got, want, dtype=got.dtype)
+
+
+# --- the Triton radix select -----------------------------------------------------------------------------------
+
+
+def _threshold_cases() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    normal = torch.randn(3000, generator=gen)
+    return {
+        "normal": normal,
+        "ties": torch.randint(-3, 4, (2049,), generator=gen).float(),
+        "zeros": torch.zeros(64),
+        "one": torch.tensor([-2.5]),
+        "wide-exponents": normal * torch.logspace(-30, 30, 3000),
+        "subnormal": torch.full((100,), 1e-40) * torch.arange(100),
+        "bf16": torch.randn(777, generator=gen).bfloat16(),
+    }
+
+
+@pytest.mark.interpreter
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("density", [1e-4, 0.01, 0.37, 0.5, 0.999, 1.0])
+def test_triton_radix_select_finds_the_exact_kth_largest_magnitude(density):
+    from treelora.kernels.masked_update import density_thresholds
+
+    cases = _threshold_cases()
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = [g.to(DEVICE) for g in cases.values() if g.dtype == dtype]
+        got = density_thresholds(grads, density)
+        want = torch.stack([density_threshold_ref(g, density).float() for g in grads])
+        assert torch.equal(got.cpu(), want.cpu()), f"{dtype}: {got.tolist()} != {want.tolist()}"
+
+
+# --- torch.library registration ------------------------------------------------------------------------------------
+
+
+def _op_args(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(5, generator=gen), torch.randn(2, 3, generator=gen)]
+    gs = [torch.randn(p.shape, generator=gen) for p in ps]
+    return ps, gs, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+
+
+def test_custom_ops_declare_their_mutations():
+    ps, gs, ms, vs = _op_args()
+    adamw = (ps, gs, ms, vs, 2.0, None, 0.01, 0.9, 0.999, 1e-8, 0.0, [None, torch.tensor([1, 4])], None)
+    torch.library.opcheck(
+        torch.ops.treelora.masked_adamw_.default, adamw, test_utils=("test_schema", "test_faketensor")
+    )
+    sgd = (ps, gs, ms, 0.1, 0.9, 0.0, [], 0.5)
+    torch.library.opcheck(torch.ops.treelora.masked_sgd_.default, sgd, test_utils=("test_schema", "test_faketensor"))
+    schema = str(torch.ops.treelora.masked_adamw_.default._schema)
+    assert "Tensor(a0!)[] params" in schema and "Tensor[] grads" in schema
+
+
+def test_torch_compile_functionalises_the_in_place_update():
+    from torch._dynamo.backends.common import aot_autograd
+
+    def step(p, g, m, v):
+        torch.ops.treelora.masked_adamw_([p], [g], [m], [v], 1.0, None, 0.1, 0.9, 0.999, 1e-8, 0.0, [], 0.5)
+        return p + 0
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    ps, gs, ms, vs = _op_args(1)
+    eager = [t.clone() for t in (ps[0], ms[0], vs[0])]
+    out_eager = step(eager[0], gs[0], eager[1], eager[2])
+    compiled = [t.clone() for t in (ps[0], ms[0], vs[0])]
+    backend = aot_autograd(fw_compiler=keep_graph)
+    out_compiled = torch.compile(step, backend=backend, fullgraph=True)(compiled[0], gs[0], compiled[1], compiled[2])
+    # The functionalised graph runs the op out of place and hands its new p, m, v back to be copied into the inputs.
+    assert "auto_functionalized" in graphs[0] and "treelora.masked_adamw_" in graphs[0], graphs[0]
+    assert torch.equal(out_eager, out_compiled)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert not torch.equal(compiled[0], ps[0])
+
+
+# --- bad inputs --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(step=torch.tensor(True)), TypeError, "step"),
+        (dict(step=torch.tensor(0.0)), ValueError, "step"),
+        (dict(step=torch.ones(2)), ValueError, "step"),
+        (dict(params="meta"), ValueError, "params\\[1\\]"),
+        (dict(exp_avgs="short"), ValueError, "exp_avgs"),
+        (dict(grads="shape"), ValueError, "grads\\[1\\]"),
+        (dict(masks=[torch.tensor([0]), torch.tensor([6])]), IndexError, "masks\\[1\\]"),
+        (dict(masks=[None, torch.ones(2, dtype=torch.bool)]), ValueError, "masks\\[1\\]"),
+        (dict(masks=[None, None], density=0.5), ValueError, "either masks or density"),
+        (dict(density=0.0), ValueError, "density"),
+    ],
+    ids=[
+        "step-bool",
+        "step-zero",
+        "step-shape",
+        "params-device",
+        "exp_avgs-length",
+        "grads-shape",
+        "index-range",
+        "mask-shape",
+        "masks-and-density",
+        "density-zero",
+    ],
+)
+def test_bad_inputs_name_the_argument(change, error, match):
+    params, grads, exp_avgs, exp_avg_sqs = _op_args()
+    args = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, step=1, lr=0.1)
+    if change.pop("params", None) == "meta":
+        args["params"] = [params[0], params[1].to("meta")]
+    if change.pop("exp_avgs", None) == "short":
+        args["exp_avgs"] = exp_avgs[:1]
+    if change.pop("grads", None) == "shape":
+        args["grads"] = [grads[0], grads[1].t()]
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.masked_adamw_(**args)
+
+
+@pytest.mark.interpreter
+@pytest.mark.requires_triton
+def test_triton_backend_explains_what_it_cannot_run():
+    params, grads, exp_avgs, exp_avg_sqs = _op_args()
+    as_device = lambda ts: [t.to(DEVICE) for t in ts]
+    params, grads, exp_avgs, exp_avg_sqs = map(as_device, (params, grads, exp_avgs, exp_avg_sqs))
+    with treelora.use_backend("triton"):
+        with pytest.raises(backends.BackendUnavailableError, match="float64"):
+            ops.masked_adamw_(
+                [p.double() for p in params], [g.double() for g in grads], exp_avgs, exp_avg_sqs, 1, lr=0.1
+            )
+        strided = [exp_avgs[0], torch.zeros(3, 2, device=DEVICE).t()]
+        with pytest.raises(backends.BackendUnavailableError, match="exp_avgs\\[1\\] is not contiguous"):
+            ops.masked_adamw_(params, grads, strided, exp_avg_sqs, 1, lr=0.1)
+
+
+def test_triton_request_without_gpu_or_interpreter_names_the_reason():
+    if INTERPRET or HAS_CUDA:
+        pytest.skip("triton can run here")
+    params, grads, exp_avgs, exp_avg_sqs = _op_args()
+    with treelora.use_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET"):
+        ops.masked_sgd_(params, grads, None, lr=0.1)

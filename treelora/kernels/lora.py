@@ -1,0 +1,916 @@
+"""Triton kernels of the fused LoRA linear (SPEC 3.1): ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``.
+
+Design ("graph split"):
+
+* forward: the shrink kernel computes u = s·drop(x)Aᵀ / (1 - p) (M, r) in fp32, split over K when the rows alone do
+  not fill the GPU; then the base GEMM x Wᵀ runs with u Bᵀ folded in as an extra K-slice and the bias in its epilogue,
+  one write of y. Alternatively (per shape, see ``lora_configs.py``) cuBLAS computes x Wᵀ + b and the expand kernel
+  adds u Bᵀ into y in place.
+* backward: one pass over dy gives du = s·dy B (M, r) and dB = dyᵀ u (N, r_t) (atomic fp32 reduction over row blocks,
+  or a per-block workspace summed in a fixed order when ``torch.are_deterministic_algorithms_enabled()``); dx =
+  dy W + drop'(du A) is the same GEMM kernel as the forward with du A as the extra K-slice (under dropout, du A is kept
+  in a second accumulator and masked in the epilogue); dA = du_tᵀ drop(x) / (1 - p).
+* dropout: Philox (``tl.rand``) keyed by a seed drawn on the device with torch's generator (no host synchronisation)
+  at counter = the element's index row·K + col in x. The mask is regenerated in every kernel that needs it and is
+  never stored.
+* dtypes: operands are rounded to the activation dtype (x's) right after loading, whatever the dtype of W, A, B,
+  and every product accumulates in fp32. u and du are kept in fp32 (M·r·4 bytes, small) so split-K can accumulate
+  them. fp32 activations take the cuBLAS base GEMM (see ``lora_configs.py``). Under ``TRITON_INTERPRET=1`` the kernels
+  continue in fp32 after that rounding (``UPCAST``): the interpreter computes fp16/bf16 arithmetic on raw bits.
+* frozen adapters: the first ``frozen_rank`` rows of A / columns of B take part in y, du and dx; dA and dB are
+  produced for the trainable slice only.
+
+Order of this file: constants → ``@triton.jit`` kernels → launchers → :class:`TritonLoRALauncher` →
+:func:`not_supported_reasons` → ``COMPILE_SPECS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from treelora.kernels._triton_utils import INTERPRET, CompileSpec
+from treelora.kernels.lora_configs import GemmTiles, LoRAConfig, family, select_config
+from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Smallest r-block: tl.dot needs every dimension >= 16, so r is padded (with masked zeros) to 16 inside a block.
+MIN_BLOCK_R = 16
+# A split-K / split-M part keeps at least this many loop steps so the pipelined loads (num_stages) have work to overlap.
+MIN_STEPS_PER_SPLIT = 4
+# Grids, tile offsets and element counters other than the row offsets are 32-bit.
+MAX_DIM = 2**31 - 1
+
+
+# --- kernels ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _operand(t, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Round a loaded tile to the compute dtype; under the interpreter continue in fp32 (it has no 16-bit math)."""
+    t = t.to(DTYPE)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, u_ptr, seed_ptr,
+    M, K, R, k_per_split,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_us, stride_um, stride_ur,
+    p, scale,
+    DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """u[s] (M, R) fp32 = scale · drop(x)[:, K-part s] A[:, K-part s]ᵀ for the split s = program_id(2).
+
+    Grid (row blocks, r-blocks, splits). ATOMIC adds into a zeroed u; otherwise split s stores at u + s·stride_us.
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    # Rows past M are wrapped onto valid rows for the loads (their sums are never stored): no row mask in the loop.
+    rows = (offs_m % M).to(tl.int64)
+    cdt = x_ptr.dtype.element_ty
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
+        x = _operand(x, cdt, UPCAST)
+        if DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * K + offs_k[None, :]) >= p
+            x = tl.where(keep, x, 0.0)
+        a = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=k_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(x, _operand(a, cdt, UPCAST), acc, input_precision=DOT_PRECISION)
+    acc = acc * scale
+    out_rows = offs_m.to(tl.int64)
+    u_ptrs = u_ptr + pid_s.to(tl.int64) * stride_us + out_rows[:, None] * stride_um + offs_r[None, :] * stride_ur
+    out_mask = (offs_m < M)[:, None] & r_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(u_ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(u_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, seed_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_cm, stride_cn,
+    p, drop_scale,
+    BASE_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """C (M, N) = base + (U V)[⊙ keep / (1 - p)] (+ bias), with U (M, R) fp32 and V (R, N).
+
+    base = A (M, K) @ B (K, N) when BASE_GEMM (the fused GEMM: U V is its extra K-slice), else the current C (the
+    in-place expand after a cuBLAS GEMM). Forward: A = x, B = Wᵀ, U = u, V = Bᵀ. dx: A = dy, B = W, U = du, V = A_lora
+    and DROPOUT masks U V with the keep-mask of x (counter row·N + col, N = K of x). Grid: (tiles,), grouped by GROUP_M
+    row-tiles so that consecutive programs share B tiles in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_width = GROUP_M * num_pid_n
+    first_m = (pid // group_width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_width) % group_rows
+    pid_n = (pid % group_width) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped rows/columns for the loads (results past the edge are never stored): only K and R need masks.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    cdt = c_ptr.dtype.element_ty
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+
+    if BASE_GEMM:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(_operand(a, cdt, UPCAST), _operand(b, cdt, UPCAST), acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+    else:
+        acc = tl.load(c_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+
+    if DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc
+    offs_r = tl.arange(0, BLOCK_R)
+    u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
+    v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn
+    # Not software-pipelined: one or two steps for r <= 128, and staging the fp32 u tiles costs shared memory (compiled
+    # with 16-byte alignment: the sm90 tiles would take 224 KB instead of 144 KB, the sm80 tiles 144 KB instead of 48
+    # KB, over the 99 KB of an sm86/sm89 SM).
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        r_ok = offs_r < R - r0
+        u = tl.load(u_ptrs, mask=r_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=r_ok[:, None], other=0.0)
+        lora = tl.dot(_operand(u, cdt, UPCAST), _operand(v, cdt, UPCAST), lora, input_precision=DOT_PRECISION)
+        u_ptrs += BLOCK_R * stride_ur
+        v_ptrs += BLOCK_R * stride_vr
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= p
+        acc += tl.where(keep, lora * drop_scale, 0.0)
+    else:
+        acc = lora
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols)
+        acc += _operand(bias, cdt, UPCAST).to(tl.float32)[None, :]
+    tl.store(c_ptrs, acc.to(cdt), mask=out_mask)
+
+
+@triton.jit
+def _lora_dudb_kernel(
+    dy_ptr, b_ptr, u_ptr, du_ptr, db_ptr,
+    M, N, R, F,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur, stride_dum, stride_dur,
+    stride_dbs, stride_dbn, stride_dbr,
+    scaling,
+    NEED_DU: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One pass over dy (M, N): du = scaling · dy B (M, R) fp32 and dB = dyᵀ u[:, F:] (N, R - F).
+
+    Grid (row blocks, r-blocks). dB partial sums of row block m go to db + m·stride_dbs (a workspace, summed later),
+    or are added atomically into a zeroed fp32 dB (stride_dbs = 0) when ATOMIC.
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Not wrapped: dB sums over rows, so rows past M must load as zeros.
+    m_ok = offs_m < M
+    rows = offs_m.to(tl.int64)
+    r_ok = offs_r < R
+    trainable = r_ok & (offs_r >= F)
+    cdt = dy_ptr.dtype.element_ty
+    if NEED_DB:
+        u = tl.load(
+            u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+            mask=m_ok[:, None] & trainable[None, :],
+            other=0.0,
+        )
+        u = _operand(u, cdt, UPCAST)
+    du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        dy = _operand(dy, cdt, UPCAST)
+        if NEED_DU:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            du = tl.dot(dy, _operand(b, cdt, UPCAST), du, input_precision=DOT_PRECISION)
+        if NEED_DB:
+            part = tl.dot(tl.trans(dy), u, input_precision=DOT_PRECISION)
+            db_ptrs = (
+                db_ptr
+                + pid_m.to(tl.int64) * stride_dbs
+                + offs_n[:, None] * stride_dbn
+                + (offs_r - F)[None, :] * stride_dbr
+            )
+            db_mask = n_ok[:, None] & trainable[None, :]
+            if ATOMIC:
+                tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
+            else:
+                tl.store(db_ptrs, part.to(db_ptr.dtype.element_ty), mask=db_mask)
+    if NEED_DU:
+        tl.store(
+            du_ptr + rows[:, None] * stride_dum + offs_r[None, :] * stride_dur,
+            du * scaling,
+            mask=m_ok[:, None] & r_ok[None, :],
+        )
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    x_ptr, du_ptr, da_ptr, seed_ptr,
+    M, K, F, RT, m_per_split,
+    stride_xm, stride_xk, stride_dum, stride_dur, stride_das, stride_dar, stride_dak,
+    p, drop_scale,
+    DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dA (RT, K) = drop_scale · du[:, F:F+RT]ᵀ drop(x) over the rows of split s = program_id(2).
+
+    Grid (column blocks of K, r-blocks of RT, splits over M). ATOMIC adds into a zeroed fp32 dA; otherwise split s
+    stores at da + s·stride_das.
+    """
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = offs_k < K
+    r_ok = offs_r < RT
+    cdt = x_ptr.dtype.element_ty
+    m_lo = pid_s * m_per_split
+    m_hi = tl.minimum(M, m_lo + m_per_split)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        rows = offs_m.to(tl.int64)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        x = _operand(x, cdt, UPCAST)
+        if DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * K + offs_k[None, :]) >= p
+            x = tl.where(keep, x, 0.0)
+        du_t = tl.load(
+            du_ptr + rows[None, :] * stride_dum + (F + offs_r)[:, None] * stride_dur,
+            mask=r_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(_operand(du_t, cdt, UPCAST), x, acc, input_precision=DOT_PRECISION)
+    acc = acc * drop_scale
+    da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+    da_mask = r_ok[:, None] & k_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
+    else:
+        tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=da_mask)
+
+
+@triton.jit
+def _dropout_keep_kernel(seed_ptr, keep_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep (M, K) uint8 = the dropout keep-mask the other kernels draw (counter row·K + col). Grid (tiles,)."""
+    pid = tl.program_id(0)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    offs_m = (pid // num_pid_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = (pid % num_pid_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    idx = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    keep = tl.rand(tl.load(seed_ptr), idx) >= p
+    tl.store(keep_ptr + idx, keep.to(tl.uint8), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+# --- launchers ----------------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_r(r: int, max_block_r: int) -> int:
+    """Power-of-two r-block >= 16 (tl.dot's minimum): the rank is padded inside the block with masked zeros."""
+    return max(MIN_BLOCK_R, min(triton.next_power_of_2(r), max_block_r))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 products follow torch's matmul setting (tf32 only when torch allows it); 16-bit ones ignore it."""
+    if dtype == torch.float32 and (INTERPRET or not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _family_and_sms(device: torch.device) -> tuple[str, int]:
+    """The config family and the number of SMs (1 under the interpreter: no split pays there)."""
+    if INTERPRET or device.type != "cuda":
+        return family(None), 1
+    capability, sms = _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return family(capability), sms
+
+
+def config_for(device: torch.device, M: int, r: int, dtype: torch.dtype) -> LoRAConfig:
+    """The table's configuration for a call with M rows, total rank r and activations of ``dtype`` on ``device``."""
+    return select_config(_family_and_sms(device)[0], M, r, dtype.itemsize)
+
+
+def _splits(programs: int, length: int, block: int, sms: int, forced: int | None) -> int:
+    """Parts of a reduction of ``length`` (in blocks of ``block``) so that ``programs`` x parts fills ``sms`` SMs."""
+    steps = _cdiv(length, block)
+    if forced is not None:
+        return max(1, min(forced, steps))
+    if programs >= sms:
+        return 1
+    return max(1, min(_cdiv(sms, programs), steps // MIN_STEPS_PER_SPLIT))
+
+
+def _seed_ptr(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Kernels without dropout never read the seed; any tensor on the device stands in for the pointer."""
+    return seed if seed is not None else like
+
+
+def lora_shrink(
+    x2d: torch.Tensor,
+    lora_A: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    config: LoRAConfig,
+    sms: int,
+    deterministic: bool,
+) -> torch.Tensor:
+    """u = scale · drop(x) Aᵀ in fp32.
+
+    Args:
+        x2d: (M, K) activations, last stride 1 (any row stride).
+        lora_A: (r, K) all adapters (frozen and trainable), any float dtype.
+        scale: s / (1 - p).
+        dropout_p: p; seed: (1,) int64 on x's device when p > 0.
+        config, sms, deterministic: tiles, SM count and reduction mode (workspace instead of atomics).
+
+    Returns:
+        (M, r) float32.
+    """
+    M, K = x2d.shape
+    R = lora_A.shape[0]
+    tiles = config.shrink
+    block_r = _block_r(R, config.max_block_r)
+    grid_m, grid_r = _cdiv(M, tiles.block_m), _cdiv(R, block_r)
+    split = _splits(grid_m * grid_r, K, tiles.block_k, sms, config.split_k)
+    k_per_split = _cdiv(_cdiv(K, tiles.block_k), split) * tiles.block_k
+    split = _cdiv(K, k_per_split)
+    atomic = split > 1 and not deterministic
+    if split == 1:
+        out = torch.empty(M, R, dtype=torch.float32, device=x2d.device)
+    elif atomic:
+        out = torch.zeros(M, R, dtype=torch.float32, device=x2d.device)
+    else:
+        out = torch.empty(split, M, R, dtype=torch.float32, device=x2d.device)
+    stride_us = out.stride(0) if out.dim() == 3 else 0
+    with _device_guard(x2d):
+        _lora_shrink_kernel[(grid_m, grid_r, split)](
+            x2d, lora_A, out, _seed_ptr(seed, x2d),
+            M, K, R, k_per_split,
+            x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), stride_us, out.stride(-2), out.stride(-1),
+            dropout_p, scale,
+            DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
+            BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r,
+            DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=INTERPRET,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+    return out.sum(0) if out.dim() == 3 else out
+
+
+def lora_gemm(
+    out: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    tiles: GemmTiles,
+    max_block_r: int,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out (M, N) = [a @ b, or out itself when a is None] + (u v)[⊙ keep / (1 - p)] + bias, written into ``out``.
+
+    Args:
+        out: (M, N) in the compute (activation) dtype; read first when ``a`` is None (in-place expand).
+        a: (M, K) and b: (K, N) (any strides), the base GEMM; None for the in-place expand.
+        u: (M, r) float32; v: (r, N) any float dtype (any strides).
+        bias: (N,) or None.
+        tiles, max_block_r: GEMM tiles and the widest r-block.
+        dropout_p, seed: with p > 0, u v is masked with the keep-mask of an (M, N) input (the dx GEMM).
+
+    Returns:
+        ``out``.
+    """
+    M, N = out.shape
+    R = u.shape[1]
+    base = a is not None
+    K = a.shape[1] if base else 0
+    stride_a = a.stride() if base else (0, 0)
+    stride_b = b.stride() if base else (0, 0)
+    grid = (_cdiv(M, tiles.block_m) * _cdiv(N, tiles.block_n),)
+    with _device_guard(out):
+        # Pointers a kernel variant never reads (no base GEMM, no bias, no dropout) are given ``out``.
+        _lora_gemm_kernel[grid](
+            a if base else out, b if base else out, u, v, bias if bias is not None else out, out, _seed_ptr(seed, out),
+            M, N, K, R,
+            *stride_a, *stride_b,
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            dropout_p, 1.0 / (1.0 - dropout_p),
+            BASE_GEMM=base, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            BLOCK_R=_block_r(R, max_block_r), GROUP_M=tiles.group_m,
+            DOT_PRECISION=_dot_precision(out.dtype), UPCAST=INTERPRET,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+    return out
+
+
+def lora_dudb(
+    dy: torch.Tensor,
+    lora_B: torch.Tensor,
+    u: torch.Tensor,
+    scaling: float,
+    frozen_rank: int,
+    need_du: bool,
+    need_db: bool,
+    config: LoRAConfig,
+    deterministic: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """du = s · dy B and dB = dyᵀ u[:, frozen_rank:] in one pass over dy.
+
+    Args:
+        dy: (M, N) output gradient in the activation dtype (any strides).
+        lora_B: (N, r) all adapters; u: (M, r) float32 from the forward (already carries s and 1 / (1 - p)).
+        scaling: s; frozen_rank: f, the leading columns of B that get no gradient.
+        need_du, need_db: which outputs to produce.
+        config, deterministic: tiles and reduction mode (per-row-block workspace instead of atomics).
+
+    Returns:
+        du (M, r) float32 or None; dB (N, r - f) in lora_B's dtype or None.
+    """
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    RT = R - frozen_rank
+    tiles = config.dudb
+    block_r = _block_r(R, config.max_block_r)
+    grid = (_cdiv(M, tiles.block_m), _cdiv(R, block_r))
+    device = dy.device
+    du = torch.empty(M, R, dtype=torch.float32, device=device) if need_du else None
+    atomic = need_db and grid[0] > 1 and not deterministic
+    db = None
+    stride_dbs = 0
+    if need_db:
+        if grid[0] == 1:
+            db = torch.empty(N, RT, dtype=lora_B.dtype, device=device)
+        elif atomic:
+            db = torch.zeros(N, RT, dtype=torch.float32, device=device)
+        else:
+            db = torch.empty(grid[0], N, RT, dtype=torch.float32, device=device)
+            stride_dbs = db.stride(0)
+    du_arg = du if du is not None else u
+    db_arg = db if db is not None else u
+    with _device_guard(dy):
+        _lora_dudb_kernel[grid](
+            dy, lora_B, u, du_arg, db_arg,
+            M, N, R, frozen_rank,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
+            du_arg.stride(0), du_arg.stride(1), stride_dbs, db_arg.stride(-2), db_arg.stride(-1),
+            scaling,
+            NEED_DU=need_du, NEED_DB=need_db, ATOMIC=atomic,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_k, BLOCK_R=block_r,
+            DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=INTERPRET,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+    if db is not None and db.dim() == 3:
+        db = db.sum(0)
+    if db is not None:
+        db = db.to(lora_B.dtype)
+    return du, db
+
+
+def lora_grad_a(
+    x2d: torch.Tensor,
+    du: torch.Tensor,
+    frozen_rank: int,
+    a_dtype: torch.dtype,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    config: LoRAConfig,
+    sms: int,
+    deterministic: bool,
+) -> torch.Tensor:
+    """dA = du[:, f:]ᵀ drop(x) / (1 - p), split over M when the K column blocks alone do not fill the GPU.
+
+    Args:
+        x2d: (M, K) activations (last stride 1); du: (M, r) float32 (carries s).
+        frozen_rank: f; a_dtype: dtype of the result (lora_A's).
+        dropout_p, seed: the forward's dropout (the mask is regenerated).
+        config, sms, deterministic: tiles, SM count and reduction mode.
+
+    Returns:
+        (r - f, K) in ``a_dtype``.
+    """
+    M, K = x2d.shape
+    RT = du.shape[1] - frozen_rank
+    tiles = config.grad_a
+    block_r = _block_r(RT, config.max_block_r)
+    grid_k, grid_r = _cdiv(K, tiles.block_k), _cdiv(RT, block_r)
+    split = _splits(grid_k * grid_r, M, tiles.block_m, sms, config.split_m)
+    m_per_split = _cdiv(_cdiv(M, tiles.block_m), split) * tiles.block_m
+    split = _cdiv(M, m_per_split)
+    atomic = split > 1 and not deterministic
+    if split == 1:
+        out = torch.empty(RT, K, dtype=a_dtype, device=x2d.device)
+    elif atomic:
+        out = torch.zeros(RT, K, dtype=torch.float32, device=x2d.device)
+    else:
+        out = torch.empty(split, RT, K, dtype=torch.float32, device=x2d.device)
+    stride_das = out.stride(0) if out.dim() == 3 else 0
+    with _device_guard(x2d):
+        _lora_grad_a_kernel[(grid_k, grid_r, split)](
+            x2d, du, out, _seed_ptr(seed, x2d),
+            M, K, frozen_rank, RT, m_per_split,
+            x2d.stride(0), x2d.stride(1), du.stride(0), du.stride(1), stride_das, out.stride(-2), out.stride(-1),
+            dropout_p, 1.0 / (1.0 - dropout_p),
+            DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
+            BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r,
+            DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=INTERPRET,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+    if out.dim() == 3:
+        out = out.sum(0)
+    return out.to(a_dtype)
+
+
+def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
+    """The (M, K) bool keep-mask that the kernels draw from ``seed`` ((1,) int64) with probability p of dropping."""
+    keep = torch.empty(M, K, dtype=torch.uint8, device=seed.device)
+    # Regenerating a mask serves tests and debugging, not the training step: any tile works; 32x64 keeps the
+    # interpreter's per-program arrays small and gives a GPU many programs.
+    block_m, block_k = 32, 64
+    if M and K:
+        with _device_guard(seed):
+            _dropout_keep_kernel[(_cdiv(M, block_m) * _cdiv(K, block_k),)](
+                seed, keep, M, K, dropout_p, BLOCK_M=block_m, BLOCK_K=block_k
+            )
+    return keep.view(torch.bool)
+
+
+# --- the launcher behind the triton backend -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _State:
+    """Non-tensor forward state. ``config`` is None when the scale is 0 (the adapters were skipped)."""
+
+    scaling: float
+    dropout_p: float
+    frozen_rank: int
+    config: LoRAConfig | None
+
+
+@dataclass(frozen=True)
+class _Delegated:
+    """Empty inputs (M, N or K = 0) run on the torch launcher: there is nothing to launch."""
+
+    state: Any
+
+
+class TritonLoRALauncher(LoRALauncher):
+    """Triton implementation of :class:`~treelora.ops.lora_linear.LoRALauncher`.
+
+    Args:
+        config: a fixed :class:`LoRAConfig` for every call; None (the default) picks one per call from the table in
+            ``lora_configs.py`` by GPU family and shape.
+
+    Saved for backward: x (M, K), W, A, B, u (M, r) fp32 and the dropout seed (1,) int64; never the mask.
+    """
+
+    name = "triton"
+
+    def __init__(self, config: LoRAConfig | None = None) -> None:
+        self.config = config
+
+    def forward(
+        self,
+        x2d: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dropout_p: float,
+        frozen_rank: int,
+        needs_grad: bool,
+    ) -> tuple[torch.Tensor, tuple, Any]:
+        """y (M, N) in x's dtype from x2d (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r)."""
+        M, K = x2d.shape
+        N = weight.shape[0]
+        if M == 0 or N == 0 or K == 0:
+            y, saved, state = TORCH_LAUNCHER.forward(
+                x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
+            )
+            return y, saved, _Delegated(state)
+        dt = x2d.dtype
+        if x2d.stride(1) != 1:
+            x2d = x2d.contiguous()  # every kernel streams x along K: a strided last dimension would not coalesce
+        if scaling == 0.0:
+            # Disabled adapter: exactly the base op (F.linear is this addmm), bitwise.
+            w = weight.to(dt)
+            y = torch.addmm(bias.to(dt), x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
+            saved = (x2d, weight, lora_A, lora_B) if needs_grad else ()
+            return y, saved, _State(scaling, dropout_p, frozen_rank, None)
+
+        config = self.config or config_for(x2d.device, M, lora_A.shape[0], dt)
+        _, sms = _family_and_sms(x2d.device)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        seed = None
+        if dropout_p > 0.0:
+            # Drawn on the device from torch's generator: reproducible under torch.manual_seed, no host sync.
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x2d.device)
+        u = lora_shrink(x2d, lora_A, scaling / (1.0 - dropout_p), dropout_p, seed, config, sms, deterministic)
+        # A weight in another dtype than x would need a converted copy for cuBLAS; the fused GEMM converts tiles.
+        if config.forward_base == "fused" or weight.dtype != dt:
+            y = torch.empty(M, N, dtype=dt, device=x2d.device)
+            lora_gemm(y, x2d, weight.t(), u, lora_B.t(), bias, config.gemm, config.max_block_r)
+        else:
+            y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+            lora_gemm(y, None, None, u, lora_B.t(), None, config.expand, config.max_block_r)
+        saved = (x2d, weight, lora_A, lora_B, u, seed) if needs_grad else ()
+        return y, saved, _State(scaling, dropout_p, frozen_rank, config)
+
+    def backward(
+        self, dy2d: torch.Tensor, saved: tuple, state: Any, needs_dx: bool, needs_dA: bool, needs_dB: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """dx (M, K) in x's dtype, dA (r - f, K) in lora_A's and dB (N, r - f) in lora_B's, from dy2d (M, N)."""
+        if isinstance(state, _Delegated):
+            return TORCH_LAUNCHER.backward(dy2d, saved, state.state, needs_dx, needs_dA, needs_dB)
+        x2d, weight, lora_A, lora_B = saved[:4]
+        dt = x2d.dtype
+        dy = dy2d.to(dt)
+        M, K = x2d.shape
+        RT = lora_A.shape[0] - state.frozen_rank
+        dx = dA = dB = None
+        if state.config is None:
+            if needs_dx:
+                dx = torch.mm(dy, weight.to(dt))
+            if needs_dA:
+                dA = torch.zeros(RT, K, dtype=lora_A.dtype, device=x2d.device)
+            if needs_dB:
+                dB = torch.zeros(lora_B.shape[0], RT, dtype=lora_B.dtype, device=x2d.device)
+            return dx, dA, dB
+
+        u, seed = saved[4], saved[5]
+        config = state.config
+        _, sms = _family_and_sms(x2d.device)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        p, f = state.dropout_p, state.frozen_rank
+        need_du = needs_dx or (needs_dA and RT > 0)
+        du, dB = lora_dudb(dy, lora_B, u, state.scaling, f, need_du, needs_dB and RT > 0, config, deterministic)
+        if needs_dB and RT == 0:
+            dB = torch.zeros(lora_B.shape[0], 0, dtype=lora_B.dtype, device=x2d.device)
+        if needs_dx:
+            if config.grad_base == "fused" or weight.dtype != dt:
+                tiles = config.gemm_dropout if p > 0.0 else config.gemm
+                dx = lora_gemm(torch.empty(M, K, dtype=dt, device=x2d.device), dy, weight, du, lora_A, None, tiles,
+                               config.max_block_r, p, seed)  # fmt: skip
+            else:
+                dx = lora_gemm(torch.mm(dy, weight), None, None, du, lora_A, None, config.expand, config.max_block_r,
+                               p, seed)  # fmt: skip
+        if needs_dA:
+            if RT == 0:
+                dA = torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
+            else:
+                dA = lora_grad_a(x2d, du, f, lora_A.dtype, p, seed, config, sms, deterministic)
+        return dx, dA, dB
+
+    def dropout_mask(self, saved: tuple, state: Any) -> torch.Tensor | None:
+        """The forward's (M, K) bool keep-mask, regenerated from its seed; None without dropout, without saved
+        tensors (a forward with needs_grad=False) or with scale 0 (the adapters, hence the mask, were skipped)."""
+        if isinstance(state, _Delegated):
+            return TORCH_LAUNCHER.dropout_mask(saved, state.state)
+        if not saved or state.dropout_p == 0.0 or state.config is None:
+            return None
+        x2d, seed = saved[0], saved[5]
+        return dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], state.dropout_p)
+
+
+TRITON_LAUNCHER = TritonLoRALauncher()
+
+
+# --- what the kernels cannot run ----------------------------------------------------------------------------------
+
+
+def not_supported_reasons(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    frozen_rank: int,
+) -> list[str]:
+    """Why the Triton kernels cannot run these (validated) inputs; empty when they can.
+
+    Args:
+        x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for ``lora_linear``.
+        scaling, dropout_p, frozen_rank: as for ``lora_linear`` (every value the op accepts is supported).
+    """
+    why = []
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype not in KERNEL_DTYPES:
+            why.append(f"{name} has dtype {t.dtype}; the triton kernels take float32, float16 or bfloat16")
+        if t.device.type == "cpu" and not INTERPRET:
+            why.append(f"{name} is a CPU tensor but the triton kernels were defined without TRITON_INTERPRET=1")
+        elif t.device.type not in ("cpu", "cuda"):
+            why.append(f"{name} is on {t.device}; the triton kernels run on CUDA devices")
+    if x.is_cuda and x.dtype == torch.bfloat16 and not INTERPRET:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        capability = _cuda_properties(index)[0]
+        if capability < (8, 0):
+            why.append(f"x is bfloat16 but {x.device} has compute capability {capability}; bf16 tl.dot needs 8.0+")
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    for name, size in (("x's rows", rows), ("in_features", weight.shape[1]), ("out_features", weight.shape[0])):
+        if size > MAX_DIM:
+            why.append(f"{name} = {size} exceeds {MAX_DIM}: tile offsets in the kernels are 32-bit")
+    return why
+
+
+# --- ahead-of-time compile specs (tests/test_triton_compile.py) ---------------------------------------------------
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Argument types in the kernel's order: the given pointers, fp32 scalars, i32 for sizes and strides."""
+    out = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            out[name] = "constexpr"
+        elif name in pointers:
+            out[name] = pointers[name]
+        else:
+            out[name] = "fp32" if name in floats else "i32"
+    return out
+
+
+def _spec(name, kernel, pointers, floats, constexprs, num_warps=4, num_stages=3) -> CompileSpec:
+    return CompileSpec(
+        name, kernel, _signature(kernel, pointers, floats, constexprs), constexprs, num_warps, num_stages
+    )
+
+
+# Strides that are 1 for contiguous inputs: triton specialises an integer argument equal to 1 into a constant at
+# launch, which is what makes those loads contiguous (vectorised, and pipelined with cp.async), so the specs do too.
+_UNIT_STRIDES = {
+    "shrink": dict(stride_xk=1, stride_ak=1, stride_ur=1),
+    "forward": dict(stride_ak=1, stride_bk=1, stride_ur=1, stride_vr=1, stride_cn=1),  # x, Wᵀ, u, Bᵀ, y
+    "dx": dict(stride_ak=1, stride_bn=1, stride_ur=1, stride_vn=1, stride_cn=1),  # dy, W, du, A, dx
+    "expand": dict(stride_ur=1, stride_vr=1, stride_cn=1),
+    "dudb": dict(stride_dyn=1, stride_br=1, stride_ur=1, stride_dur=1, stride_dbr=1),
+    "grad_a": dict(stride_xk=1, stride_dur=1, stride_dak=1),
+}
+# Tiles of which table family each dtype's specs use: both families' GEMM tiles get compiled for both architectures.
+_SPEC_FAMILY = {torch.float32: "sm90", torch.float16: "sm80", torch.bfloat16: "sm90"}
+# Shared memory per block (bytes) that each family's tiles must fit: sm86/sm89 allow 99 KB, H100 227 KB.
+SHARED_MEMORY_LIMIT = {"sm80": 101376, "sm90": 232448}
+
+
+def _compile_specs() -> list[CompileSpec]:
+    """Every kernel at fp32/fp16/bf16, with and without dropout (du/dB: both reduction modes), on the table's tiles
+    for 8192 rows and r = 16; spec names end in the family whose tiles they use."""
+    specs = []
+    for dtype in KERNEL_DTYPES:
+        fam = _SPEC_FAMILY[dtype]
+        cfg = select_config(fam, 8192, 16, dtype.itemsize)
+        t = _TYPES[dtype]
+        prec = "ieee" if dtype == torch.float32 else "tf32"
+        # bf16 activations with fp32 adapters (the common mixed case); the other dtypes with same-dtype adapters.
+        ad = "fp32" if dtype == torch.bfloat16 else t
+        for dropout in (False, True):
+            tag = f"{t}-{'dropout' if dropout else 'nodrop'}-{fam}"
+            sh = cfg.shrink
+            specs.append(_spec(
+                f"shrink-{tag}", _lora_shrink_kernel,
+                {"x_ptr": f"*{t}", "a_ptr": f"*{ad}", "u_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "scale"),
+                dict(_UNIT_STRIDES["shrink"], DROPOUT=dropout, ATOMIC=dropout, BLOCK_M=sh.block_m,
+                     BLOCK_K=sh.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
+                sh.num_warps, sh.num_stages,
+            ))  # fmt: skip
+            gemm_ptrs = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "u_ptr": "*fp32", "v_ptr": f"*{ad}", "bias_ptr": f"*{t}",
+                         "c_ptr": f"*{t}", "seed_ptr": "*i64"}  # fmt: skip
+            # The forward GEMM (bias, no dropout epilogue) and the dx GEMM (dropout epilogue, its own tiles), with
+            # r-blocks of 64 (r = 64, the widest block).
+            g = cfg.gemm_dropout if dropout else cfg.gemm
+            specs.append(_spec(
+                f"gemm-fused-{tag}", _lora_gemm_kernel, gemm_ptrs, ("p", "drop_scale"),
+                dict(_UNIT_STRIDES["dx" if dropout else "forward"], BASE_GEMM=True, HAS_BIAS=not dropout,
+                     DROPOUT=dropout, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=64,
+                     GROUP_M=g.group_m, DOT_PRECISION=prec, UPCAST=False),
+                g.num_warps, g.num_stages,
+            ))  # fmt: skip
+            e = cfg.expand
+            specs.append(_spec(
+                f"gemm-expand-{tag}", _lora_gemm_kernel, gemm_ptrs, ("p", "drop_scale"),
+                dict(_UNIT_STRIDES["expand"], BASE_GEMM=False, HAS_BIAS=False, DROPOUT=dropout, BLOCK_M=e.block_m,
+                     BLOCK_N=e.block_n, BLOCK_K=e.block_k, BLOCK_R=16, GROUP_M=e.group_m, DOT_PRECISION=prec,
+                     UPCAST=False),
+                e.num_warps, e.num_stages,
+            ))  # fmt: skip
+            ga = cfg.grad_a
+            specs.append(_spec(
+                f"grad-a-{tag}", _lora_grad_a_kernel,
+                {"x_ptr": f"*{t}", "du_ptr": "*fp32", "da_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "drop_scale"),
+                dict(_UNIT_STRIDES["grad_a"], DROPOUT=dropout, ATOMIC=not dropout, BLOCK_M=ga.block_m,
+                     BLOCK_K=ga.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
+                ga.num_warps, ga.num_stages,
+            ))  # fmt: skip
+        for atomic in (False, True):
+            d = cfg.dudb
+            specs.append(_spec(
+                f"dudb-{t}-{'atomic' if atomic else 'workspace'}-{fam}", _lora_dudb_kernel,
+                {"dy_ptr": f"*{t}", "b_ptr": f"*{ad}", "u_ptr": "*fp32", "du_ptr": "*fp32", "db_ptr": "*fp32"},
+                ("scaling",),
+                dict(_UNIT_STRIDES["dudb"], NEED_DU=True, NEED_DB=True, ATOMIC=atomic, BLOCK_M=d.block_m,
+                     BLOCK_N=d.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
+                d.num_warps, d.num_stages,
+            ))  # fmt: skip
+    specs.append(_spec(
+        "dropout-keep", _dropout_keep_kernel, {"seed_ptr": "*i64", "keep_ptr": "*u8"}, ("p",),
+        dict(BLOCK_M=32, BLOCK_K=64),
+    ))  # fmt: skip
+    return specs
+
+
+COMPILE_SPECS: list[CompileSpec] = [] if INTERPRET else _compile_specs()
