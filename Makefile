@@ -28,8 +28,9 @@ test-cpu:
 test-interpreter:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m interpreter -q
 
+# pytest collects bench_*.py only when named, so list them; results land in bench/results/<device>/all.json.
 bench: install-test
-	$(PYTHON) -m pytest bench --benchmark-only -q
+	$(PYTHON) -m pytest bench/bench_*.py --benchmark-only -q
 
 lint:
 	$(PYTHON) -m ruff check treelora tests bench setup.py

@@ -121,7 +121,7 @@ def pytest_configure(config):
     if config.getoption("benchmark_json", None) is not None or config.getoption("benchmark_disable", False):
         return
     stems = sorted({Path(a.split("::")[0]).stem for a in config.args if a.split("::")[0].endswith(".py")})
-    name = "-".join(stems) or "all"
+    name = stems[0] if len(stems) == 1 else "all"
     out = RESULTS / device_name()
     out.mkdir(parents=True, exist_ok=True)
     config.option.benchmark_json = open(out / f"{name}.json", "wb")  # noqa: SIM115 (pytest-benchmark closes it)

@@ -97,9 +97,11 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         needs = ctx.needs_input_grad
         needs_grad = needs[0] or needs[3] or needs[4]
-        y2d, saved, state = launcher.forward(
-            x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
-        )
+        # Launchers choose their compute dtypes explicitly; an enclosing autocast must not re-cast their matmuls.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y2d, saved, state = launcher.forward(
+                x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
+            )
         ctx.save_for_backward(*saved)
         ctx.state = state
         ctx.launcher = launcher
@@ -111,7 +113,8 @@ class LoRALinearFunction(torch.autograd.Function):
         x_shape, a_shape, b_shape, a_dtype, b_dtype, frozen_rank = ctx.meta
         needs = ctx.needs_input_grad
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dx, dA, dB = ctx.launcher.backward(dy2d, ctx.saved_tensors, ctx.state, needs[0], needs[3], needs[4])
+        with torch.autocast(device_type=dy.device.type, enabled=False):  # backward may run inside autocast too
+            dx, dA, dB = ctx.launcher.backward(dy2d, ctx.saved_tensors, ctx.state, needs[0], needs[3], needs[4])
         if frozen_rank and dA is not None:
             full = torch.zeros(a_shape, dtype=a_dtype, device=dA.device)
             full[frozen_rank:] = dA
