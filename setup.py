@@ -132,5 +132,4 @@ class CMakeBuild(build_ext):
 setup(
     ext_modules=[CMakeExtension("treelora._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    package_data={"treelora": ["py.typed", BUILD_INFO]},
 )
