@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # torch first, pinned to the CPU wheel, so that nothing later pulls a multi-GB CUDA build of torch.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-test demo test test-cpu test-interpreter bench lint
+.PHONY: install install-test demo test test-cpu test-interpreter test-cuda-emulated bench lint
 
 install:
 	$(PIP) install $(TORCH_PIN)
@@ -18,15 +18,19 @@ demo: install
 	$(PYTHON) -m treelora info
 	$(PYTHON) -m treelora demo
 
-# Both test lanes: CPU (everything that runs without a GPU) and the Triton interpreter lane.
+# Three lanes: CPU (everything that runs without a GPU), the Triton interpreter, and the CUDA C++ kernels on the
+# CPU emulator in tests/cuda_emulator. On a GPU machine the requires_cuda tests of the CPU lane run for real.
 test: install-test
-	$(MAKE) test-cpu test-interpreter
+	$(MAKE) test-cpu test-interpreter test-cuda-emulated
 
 test-cpu:
 	$(PYTHON) -m pytest -m "not interpreter" -q
 
 test-interpreter:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m interpreter -q
+
+test-cuda-emulated:
+	TREELORA_CUDA_EMULATOR=1 $(PYTHON) -m pytest -m cuda_emulated -q
 
 # pytest collects bench_*.py only when named, so list them; results land in bench/results/<device>/all.json.
 bench: install-test

@@ -1,7 +1,10 @@
 """The cuda backend of lora_linear against the float64 reference (and the Triton backend when it can run): forward
 and the gradients of x, A and B for fp32/fp16/bf16, ranks 1, 8, 16, 64, awkward sizes, non-contiguous x, dropout
 on and off (the mask regenerated from the seed, never stored), stacked frozen + trainable adapters, a disabled adapter
-(bitwise the base op) and run-to-run reproducibility. Needs a GPU."""
+(bitwise the base op), views whose rows are never read past their end, and run-to-run reproducibility. Needs a GPU.
+
+Each test's body is a ``check_*`` function taking the device, which tests/test_cuda_emulated.py also runs on CPU
+tensors through the CUDA emulator (smaller shapes, same references and tolerances)."""
 
 from __future__ import annotations
 
@@ -20,14 +23,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(256, 512, 384), (1, 40, 24), (113, 300, 77), (37, 4100, 9), (4097, 72, 40)]
 
 
-def _inputs(M, K, N, r, dtype, bias=True, contiguous=True):
-    x = torch.randn(M, 2 * K if not contiguous else K, device=DEVICE).to(dtype)
+def _inputs(M, K, N, r, dtype, bias=True, contiguous=True, device=DEVICE):
+    x = torch.randn(M, 2 * K if not contiguous else K, device=device).to(dtype)
     if not contiguous:
         x = x[:, ::2]  # column stride 2
-    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
-    b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
-    a = torch.randn(r, K, device=DEVICE) / K**0.5  # adapters in fp32 with low-precision activations: the common case
-    bb = torch.randn(N, r, device=DEVICE)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    a = torch.randn(r, K, device=device) / K**0.5  # adapters in fp32 with low-precision activations: the common case
+    bb = torch.randn(N, r, device=device)
     return x, w, b, a, bb
 
 
@@ -57,13 +60,10 @@ def _compare(tag, dtype, y, grads, x, w, b, a, bb, s, p, f, dy, mask):
         assert_close_to_ref(f"{tag} {name}", got, ref, base, dtype=dtype)
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no-dropout", "dropout"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_matches_reference(dtype, shape, dropout_p):
+def check_matches_reference(dtype, shape, dropout_p, r=8, device=DEVICE):
     M, K, N = shape
-    x, w, b, a, bb = _inputs(M, K, N, 8, dtype)
-    dy = torch.randn(M, N, device=DEVICE).to(dtype)
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, device=device)
+    dy = torch.randn(M, N, device=device).to(dtype)
     y, grads, mask = _launch(x, w, b, a, bb, 0.5, dropout_p, 0, dy)
     assert (mask is None) == (dropout_p == 0.0)
     if mask is not None:
@@ -72,22 +72,32 @@ def test_matches_reference(dtype, shape, dropout_p):
     _compare(f"{dtype} {shape}", dtype, y, grads, x, w, b, a, bb, 0.5, dropout_p, 0, dy, mask)
 
 
-@pytest.mark.parametrize("r", [1, 8, 16, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-def test_ranks_and_stacked_adapters(dtype, r):
-    M, K, N = 130, 200, 150
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_matches_reference(dtype, shape, dropout_p):
+    check_matches_reference(dtype, shape, dropout_p)
+
+
+def check_ranks_and_stacked_adapters(dtype, r, shape=(130, 200, 150), device=DEVICE):
+    M, K, N = shape
     f = r // 2  # frozen rows of A / columns of B; r = 1 has none
-    x, w, b, a, bb = _inputs(M, K, N, r, dtype, bias=False)
-    dy = torch.randn(M, N, device=DEVICE).to(dtype)
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, bias=False, device=device)
+    dy = torch.randn(M, N, device=device).to(dtype)
     y, grads, mask = _launch(x, w, b, a, bb, 2.0 / r, 0.1, f, dy)
     assert grads[1].shape == (r - f, K) and grads[2].shape == (N, r - f)
     _compare(f"r={r} f={f}", dtype, y, grads, x, w, b, a, bb, 2.0 / r, 0.1, f, dy, mask)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_autograd_through_the_op(dtype):
+@pytest.mark.parametrize("r", [1, 8, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_ranks_and_stacked_adapters(dtype, r):
+    check_ranks_and_stacked_adapters(dtype, r)
+
+
+def check_autograd_through_the_op(dtype, device=DEVICE):
     """lora_linear on (batch, seq, K) with a non-contiguous x: the shared autograd Function pads frozen gradients."""
-    x, w, b, a, bb = _inputs(3 * 33, 96, 80, 16, dtype, contiguous=False)
+    x, w, b, a, bb = _inputs(3 * 33, 96, 80, 16, dtype, contiguous=False, device=device)
     x = x.reshape(3, 33, 96)
     x.requires_grad_()
     a.requires_grad_()
@@ -109,8 +119,38 @@ def test_autograd_through_the_op(dtype):
     assert_close_to_ref("dB", bb.grad[:, 4:], g64[2], g_base[2], dtype=dtype)
 
 
-def test_dropout_mask_follows_the_torch_seed():
-    x, w, b, a, bb = _inputs(64, 128, 32, 8, torch.bfloat16)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_autograd_through_the_op(dtype):
+    check_autograd_through_the_op(dtype)
+
+
+def _nan_padded(rows, cols, dtype, device, scale=1.0):
+    """A (rows, cols) column slice of a wider buffer whose extra columns hold NaN; the row stride is a multiple of 8
+    elements, so rows stay 16-byte aligned and the vector paths run up to a row end that is not a multiple of 8."""
+    buf = torch.full((rows, (cols + 7) // 8 * 8 + 8), float("nan"), device=device)
+    buf[:, :cols] = torch.randn(rows, cols, device=device) * scale
+    return buf.to(dtype)[:, :cols]
+
+
+def check_padding_outside_the_views_is_never_read(dtype, shape=(45, 203, 77), r=12, device=DEVICE):
+    """x, dy and lora_A are views into wider buffers with NaN beyond each row: an element read past a row's end
+    would turn some output NaN. Dropout on and a frozen part, so every kernel reads x or dy."""
+    M, K, N = shape
+    x = _nan_padded(M, K, dtype, device)
+    dy = _nan_padded(M, N, dtype, device)
+    a = _nan_padded(r, K, torch.float32, device, scale=K**-0.5)
+    _, w, b, _, bb = _inputs(M, K, N, r, dtype, device=device)
+    y, grads, mask = _launch(x, w, b, a, bb, 0.5, 0.25, 4, dy)
+    _compare(f"padded {dtype} {shape}", dtype, y, grads, x, w, b, a, bb, 0.5, 0.25, 4, dy, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_padding_outside_the_views_is_never_read(dtype):
+    check_padding_outside_the_views_is_never_read(dtype)
+
+
+def check_dropout_mask_follows_the_torch_seed(device=DEVICE):
+    x, w, b, a, bb = _inputs(64, 128, 32, 8, torch.bfloat16, device=device)
     outs = []
     for _ in range(2):
         torch.manual_seed(1234)
@@ -122,29 +162,52 @@ def test_dropout_mask_follows_the_torch_seed():
     assert not torch.equal(outs[0], third), "a fresh seed must give a fresh mask"
 
 
-def test_disabled_adapter_is_bitwise_the_base_op():
-    x, w, b, a, bb = _inputs(77, 64, 48, 8, torch.bfloat16)
+def test_dropout_mask_follows_the_torch_seed():
+    check_dropout_mask_follows_the_torch_seed()
+
+
+def check_disabled_adapter_is_bitwise_the_base_op(device=DEVICE):
+    x, w, b, a, bb = _inputs(77, 64, 48, 8, torch.bfloat16, device=device)
     with use_backend("cuda"):
         y = lora_linear(x, w, b, a, bb, 0.0)
     assert torch.equal(y, torch.nn.functional.linear(x, w, b))
 
 
-def test_empty_batch():
-    x, w, b, a, bb = _inputs(0, 64, 48, 8, torch.float32)
-    dy = torch.zeros(0, 48, device=DEVICE)
+def test_disabled_adapter_is_bitwise_the_base_op():
+    check_disabled_adapter_is_bitwise_the_base_op()
+
+
+def check_empty_batch(device=DEVICE):
+    x, w, b, a, bb = _inputs(0, 64, 48, 8, torch.float32, device=device)
+    dy = torch.zeros(0, 48, device=device)
     y, (dx, dA, dB), _ = _launch(x, w, b, a, bb, 1.0, 0.0, 2, dy)
     assert y.shape == (0, 48) and dx.shape == (0, 64)
     assert torch.count_nonzero(dA) == 0 and torch.count_nonzero(dB) == 0 and dA.shape == (6, 64)
 
 
-def test_results_are_bitwise_reproducible():
-    x, w, b, a, bb = _inputs(1000, 1024, 512, 16, torch.bfloat16)
-    dy = torch.randn(1000, 512, device=DEVICE).to(torch.bfloat16)
-    first = _launch(x, w, b, a, bb, 0.5, 0.0, 4, dy)
-    again = _launch(x, w, b, a, bb, 0.5, 0.0, 4, dy)
+def test_empty_batch():
+    check_empty_batch()
+
+
+def check_reproducible(shape=(1000, 1024, 512), dropout_p=0.0, device=DEVICE, between=None):
+    """Two launches give the same bits; ``between()``, when given, runs between them (the emulated lane reverses the
+    order of blocks and threads there). With dropout both draw the same seed."""
+    M, K, N = shape
+    x, w, b, a, bb = _inputs(M, K, N, 16, torch.bfloat16, device=device)
+    dy = torch.randn(M, N, device=device).to(torch.bfloat16)
+    torch.manual_seed(7)
+    first = _launch(x, w, b, a, bb, 0.5, dropout_p, 4, dy)
+    if between is not None:
+        between()
+    torch.manual_seed(7)
+    again = _launch(x, w, b, a, bb, 0.5, dropout_p, 4, dy)
     assert torch.equal(first[0], again[0])
     for g1, g2 in zip(first[1], again[1]):
         assert torch.equal(g1, g2)
+
+
+def test_results_are_bitwise_reproducible():
+    check_reproducible()
 
 
 @pytest.mark.requires_triton
