@@ -50,12 +50,19 @@ def versions() -> dict[str, str]:
     return out
 
 
-def record(benchmark, *, op: str, provider: str, mode: str, dtype: torch.dtype | str, device: str | None = None,
-           **shape) -> None:
+def record(
+    benchmark, *, op: str, provider: str, mode: str, dtype: torch.dtype | str, device: str | None = None, **shape
+) -> None:
     """Fill ``benchmark.extra_info`` with the fields every treelora benchmark carries (SPEC section 11)."""
     info = benchmark.extra_info
-    info.update(op=op, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
-                device=device or device_name(), **shape)
+    info.update(
+        op=op,
+        provider=provider,
+        mode=mode,
+        dtype=str(dtype).replace("torch.", ""),
+        device=device or device_name(),
+        **shape,
+    )
     info.update({f"{k}_version": v for k, v in versions().items()})
 
 
@@ -73,8 +80,9 @@ def synchronized(fn: Callable[[], object], device: torch.device | str | None = N
     return run
 
 
-def alternating_medians(fns: dict[str, Callable[[], object]], rounds: int = 15, warmup: int = 2,
-                        device: torch.device | str | None = None) -> dict[str, float]:
+def alternating_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 15, warmup: int = 2, device: torch.device | str | None = None
+) -> dict[str, float]:
     """Median seconds per call of each function, measured by alternating them round by round (so drifts in clock
     speed or background load hit every provider alike)."""
     timed = {k: synchronized(f, device) for k, f in fns.items()}

@@ -76,16 +76,20 @@ def test_forced_backend_missing_for_op_says_so(toy_op):
 
 
 def test_explain_lists_every_backend(toy_op):
-    assert backends.explain(toy_op, 30) == {"cuda": ["no GPU in this test"], "triton": ["x=30 is too large"],
-                                            "torch": []}
+    assert backends.explain(toy_op, 30) == {
+        "cuda": ["no GPU in this test"],
+        "triton": ["x=30 is too large"],
+        "torch": [],
+    }
 
 
 def test_real_ops_fall_back_to_torch_on_cpu():
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     a, b = torch.randn(2, 8), torch.randn(6, 2)
     assert backends.select("lora_linear", x, w, None, a, b, 1.0, 0.0, 0).name in ("torch", "triton")
-    reasons = backends.explain("pairwise_similarity", torch.randn(2, 4), torch.randn(3, 2, 4), "l1",
-                               torch.zeros(2, dtype=torch.long), None)
+    reasons = backends.explain(
+        "pairwise_similarity", torch.randn(2, 4), torch.randn(3, 2, 4), "l1", torch.zeros(2, dtype=torch.long), None
+    )
     assert reasons["torch"] == []
     assert reasons["cuda"], "the cuda backend must explain why it cannot take CPU tensors"
     with treelora.use_backend("cuda"):

@@ -42,8 +42,9 @@ def test_missing_extension_never_breaks_import(monkeypatch):
 
 
 def test_info_reports_the_extension_and_backends():
-    out = subprocess.run([sys.executable, "-m", "treelora", "info"], capture_output=True, text=True, check=True,
-                         cwd=REPO).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "treelora", "info"], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
     assert "treelora._C:" in out and "lora_linear" in out and "masked_adamw_" in out
     if _cpp_lib.available():
         archs = ", ".join(_cpp_lib.module.compiled_archs())
@@ -60,20 +61,39 @@ def test_install_without_cuda_records_why(tmp_path):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "csrc", src / "csrc")
-    shutil.copytree(REPO / "treelora", src / "treelora",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "_build_info.json"))
+    shutil.copytree(
+        REPO / "treelora", src / "treelora", ignore=shutil.ignore_patterns("__pycache__", "*.so", "_build_info.json")
+    )
     target = tmp_path / "site"
     env = dict(os.environ, TREELORA_BUILD_CUDA="0")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(src)], check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert not list((target / "treelora").glob("_C*.so"))
     env["PYTHONPATH"] = str(target)
     # An editable install of the checkout registers a meta-path finder that would still resolve treelora._C to the
     # checkout's build; drop it so the subprocess sees only the fresh install.
-    script = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in repr(f)]; "
-              "from treelora.cli import main; sys.exit(main(['info']))")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env,
-                         cwd=tmp_path).stdout
+    script = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in repr(f)]; "
+        "from treelora.cli import main; sys.exit(main(['info']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env, cwd=tmp_path
+    ).stdout
     assert "treelora._C: not built (skipped: TREELORA_BUILD_CUDA=0)" in out
     assert "torch   available" in out
 

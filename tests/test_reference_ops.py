@@ -85,8 +85,9 @@ def test_torch_backend_dropout_mask_is_shared_by_forward_and_backward():
     assert mask.dtype == torch.bool and mask.shape == (M, K)
     keep_rate = mask.float().mean().item()
     assert abs(keep_rate - (1 - p)) < 0.05, keep_rate  # 2048 Bernoulli(0.5) draws: sd ~ 0.011
-    ref = ops.lora_linear_ref(x.detach().double(), W.double(), None, A.detach().double(), B.detach().double(), 2.0,
-                              p, mask)
+    ref = ops.lora_linear_ref(
+        x.detach().double(), W.double(), None, A.detach().double(), B.detach().double(), 2.0, p, mask
+    )
     assert_close_to_ref("y with regenerated mask", y2d, ref, dtype=torch.float32)
 
 
@@ -113,8 +114,14 @@ def test_scale_zero_is_bitwise_the_base_op():
     ],
 )
 def test_lora_linear_validation_names_the_argument(kwargs, match):
-    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), bias=None, lora_A=torch.randn(2, 8),
-                lora_B=torch.randn(6, 2), scaling=1.0)
+    args = dict(
+        x=torch.randn(4, 8),
+        weight=torch.randn(6, 8),
+        bias=None,
+        lora_A=torch.randn(2, 8),
+        lora_B=torch.randn(6, 2),
+        scaling=1.0,
+    )
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         ops.lora_linear(**args)
@@ -159,8 +166,13 @@ def test_similarity_torch_backend_and_reference_match_numpy(metric, ragged):
     bank = rng.normal(size=(T, offsets[-1]))
     bank[2, offsets[1] : offsets[2]] = 0.0  # a zero layer: cosine / l1_normalized take their eps branch
     expected = np.array(
-        [[_metric_numpy(q[offsets[l] : offsets[l + 1]], bank[t, offsets[l] : offsets[l + 1]], metric)
-          for l in range(len(widths))] for t in range(T)]
+        [
+            [
+                _metric_numpy(q[offsets[l] : offsets[l + 1]], bank[t, offsets[l] : offsets[l + 1]], metric)
+                for l in range(len(widths))
+            ]
+            for t in range(T)
+        ]
     )
     index = torch.tensor([3, 2, 0, 1])
     if ragged:
@@ -196,8 +208,9 @@ def test_accumulate_and_compare_is_running_mean_then_gathered():
         out = ops.accumulate_and_compare_(mean, s, n, bank, index, "sqeuclidean")
     expected_mean = torch.stack(samples).double().mean(0)
     assert_close_to_ref("running mean", mean, expected_mean)
-    assert_close_to_ref("gathered", out, ops.pairwise_similarity_ref(expected_mean, bank.double(), "sqeuclidean",
-                                                                     index))
+    assert_close_to_ref(
+        "gathered", out, ops.pairwise_similarity_ref(expected_mean, bank.double(), "sqeuclidean", index)
+    )
 
 
 @pytest.mark.parametrize(
@@ -266,11 +279,32 @@ def test_masked_adamw_matches_numpy_and_leaves_unselected_bits(kind):
     tm = [torch.tensor(a, dtype=torch.float32) for a in ms]
     tv = [torch.tensor(a, dtype=torch.float32) for a in vs]
     before = [(a.clone(), b.clone(), c.clone()) for a, b, c in zip(tp, tm, tv)]
-    ops.masked_adamw_(tp, [torch.tensor(g, dtype=torch.float32) for g in gs], tm, tv, step, lr=lr, betas=(b1, b2),
-                      eps=eps, weight_decay=wd, masks=None if kind == "all" else [m for m in masks])
+    ops.masked_adamw_(
+        tp,
+        [torch.tensor(g, dtype=torch.float32) for g in gs],
+        tm,
+        tv,
+        step,
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        weight_decay=wd,
+        masks=None if kind == "all" else [m for m in masks],
+    )
     for i in range(len(shapes)):
-        want = _adamw_numpy(ps[i].reshape(-1), gs[i].reshape(-1), ms[i].reshape(-1), vs[i].reshape(-1), step,
-                            sels[i], lr, b1, b2, eps, wd)
+        want = _adamw_numpy(
+            ps[i].reshape(-1),
+            gs[i].reshape(-1),
+            ms[i].reshape(-1),
+            vs[i].reshape(-1),
+            step,
+            sels[i],
+            lr,
+            b1,
+            b2,
+            eps,
+            wd,
+        )
         for got, ref, old in zip((tp[i], tm[i], tv[i]), want, before[i]):
             np.testing.assert_allclose(got.reshape(-1).numpy(), ref, rtol=2e-6, atol=1e-7)
             unselected = torch.tensor(~sels[i])
@@ -349,8 +383,14 @@ def test_density_ties_at_threshold_are_all_selected():
     ],
 )
 def test_masked_adamw_validation_names_the_argument(kwargs, match):
-    args = dict(params=[torch.zeros(4)], grads=[torch.ones(4)], exp_avgs=[torch.zeros(4)],
-                exp_avg_sqs=[torch.zeros(4)], step=1, lr=0.1)
+    args = dict(
+        params=[torch.zeros(4)],
+        grads=[torch.ones(4)],
+        exp_avgs=[torch.zeros(4)],
+        exp_avg_sqs=[torch.zeros(4)],
+        step=1,
+        lr=0.1,
+    )
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError, IndexError), match=match):
         ops.masked_adamw_(**args)

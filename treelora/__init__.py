@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from treelora import ops
 from treelora._version import __version__
 from treelora.backends import BackendUnavailableError, use_backend
-from treelora import ops
 
 _LAZY_SUBMODULES = ("nn", "cl", "data", "models", "peft", "kernels", "cli", "info")
 

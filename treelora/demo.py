@@ -24,9 +24,11 @@ def main(seed: int = 0) -> int:
     x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
     y64 = ops.lora_linear_ref(x64, W.double(), bias.double(), A64, B64, 2.0)
     y64.square().mean().backward()
-    print(f"lora_linear [{backend}] (M, K, N, r) = ({M}, {K}, {N}, {r}): max |error| vs fp64 "
-          f"y {_err(y, y64):.1e}, dx {_err(x.grad, x64.grad):.1e}, dA {_err(A.grad, A64.grad):.1e}, "
-          f"dB {_err(B.grad, B64.grad):.1e}")
+    print(
+        f"lora_linear [{backend}] (M, K, N, r) = ({M}, {K}, {N}, {r}): max |error| vs fp64 "
+        f"y {_err(y, y64):.1e}, dx {_err(x.grad, x64.grad):.1e}, dA {_err(A.grad, A64.grad):.1e}, "
+        f"dB {_err(B.grad, B64.grad):.1e}"
+    )
 
     T, L, D = 5, 4, 256
     q, bank = torch.randn(L, D, generator=g), torch.randn(T, L, D, generator=g)
@@ -35,8 +37,10 @@ def main(seed: int = 0) -> int:
         full = ops.pairwise_similarity(q, bank, metric)
         gathered = ops.pairwise_similarity(q, bank, metric, index=index)
         ref = ops.pairwise_similarity_ref(q.double(), bank.double(), metric)
-        print(f"pairwise_similarity {metric:<13} (T, L, D) = ({T}, {L}, {D}): row of layer 0 {full[:, 0].tolist()}"
-              f"\n    gathered {[round(v, 4) for v in gathered.tolist()]}  max |error| vs fp64 {_err(full, ref):.1e}")
+        print(
+            f"pairwise_similarity {metric:<13} (T, L, D) = ({T}, {L}, {D}): row of layer 0 {full[:, 0].tolist()}"
+            f"\n    gathered {[round(v, 4) for v in gathered.tolist()]}  max |error| vs fp64 {_err(full, ref):.1e}"
+        )
 
     p = torch.randn(10, generator=g)
     grad = torch.randn(10, generator=g)

@@ -53,8 +53,10 @@ def _probe_inputs(device: torch.device) -> dict[str, tuple[tuple, dict]]:
         "lora_linear": ((x, w, None, a, b, 1.0, 0.0, 0), {}),
         "pairwise_similarity": ((q, bank, "l1", index, None), {}),
         "accumulate_and_compare": ((q, q, 1.0, bank, index, "l1", None), {}),
-        "masked_adamw_": ((p, p, p, p, 1), dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                                masks=None, density=None)),
+        "masked_adamw_": (
+            (p, p, p, p, 1),
+            dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, masks=None, density=None),
+        ),
         "masked_sgd_": ((p, p, p), dict(lr=1e-3, momentum=0.9, weight_decay=0.0, masks=None, density=None)),
     }
 

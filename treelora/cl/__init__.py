@@ -24,8 +24,18 @@ _EXPORTS = {
     "Trainer": "treelora.cl.trainer",
     "TrainerConfig": "treelora.cl.trainer",
 }
-_SUBMODULES = ("metrics", "method", "config", "treelora", "bank", "tree", "search", "regularizer", "baselines",
-               "trainer")
+_SUBMODULES = (
+    "metrics",
+    "method",
+    "config",
+    "treelora",
+    "bank",
+    "tree",
+    "search",
+    "regularizer",
+    "baselines",
+    "trainer",
+)
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -130,8 +130,9 @@ class ContinualMethod:
             self._moments[id(p)] = state
         return state
 
-    def _adamw_step(self, params: Sequence[torch.Tensor], density: float | None = None,
-                    dense_params: Sequence[torch.Tensor] = ()) -> None:
+    def _adamw_step(
+        self, params: Sequence[torch.Tensor], density: float | None = None, dense_params: Sequence[torch.Tensor] = ()
+    ) -> None:
         """AdamW on ``params`` (top-``density`` entries by |grad| when given) and densely on ``dense_params``."""
         o = self.optim
         for group, rho in ((params, density), (dense_params, None)):
@@ -140,8 +141,16 @@ class ContinualMethod:
                 continue
             moments = [self._moments_for(p) for p in group]
             ops.masked_adamw_(
-                [p.data for p in group], [p.grad for p in group], [m for m, _ in moments], [v for _, v in moments],
-                self.global_step + 1, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, density=rho,
+                [p.data for p in group],
+                [p.grad for p in group],
+                [m for m, _ in moments],
+                [v for _, v in moments],
+                self.global_step + 1,
+                lr=o.lr,
+                betas=o.betas,
+                eps=o.eps,
+                weight_decay=o.weight_decay,
+                density=rho,
             )
         for p in (*params, *dense_params):
             p.grad = None
@@ -172,8 +181,10 @@ class ContinualMethod:
         self.step_in_task, self.global_step = state["step_in_task"], state["global_step"]
         params = self.parameters()
         if len(state["moments"]) != len(params):
-            raise ValueError(f"state_dict holds optimizer moments for {len(state['moments'])} parameters, "
-                             f"this method has {len(params)}")
+            raise ValueError(
+                f"state_dict holds optimizer moments for {len(state['moments'])} parameters, "
+                f"this method has {len(params)}"
+            )
         self._moments = {}
         for p, mv in zip(params, state["moments"]):
             if mv is not None:

@@ -47,8 +47,15 @@ def check_same_device(named: dict[str, torch.Tensor | None]) -> torch.device:
     return device
 
 
-def check_finite_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                        low_open: bool = False, high_open: bool = False) -> float:
+def check_finite_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python number, got a tensor")
     try:

@@ -260,7 +260,10 @@ def _triton_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_
 
 
 backends.register(
-    OP, "triton", _LazyLauncher("triton", "treelora.kernels.lora", "TRITON_LAUNCHER"), _triton_reasons,
+    OP,
+    "triton",
+    _LazyLauncher("triton", "treelora.kernels.lora", "TRITON_LAUNCHER"),
+    _triton_reasons,
     environment=backends.triton_environment,
 )
 
@@ -278,7 +281,10 @@ def _cuda_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_ra
 
 
 backends.register(
-    OP, "cuda", _LazyLauncher("cuda", "treelora.kernels.cuda_lora", "CUDA_LAUNCHER"), _cuda_reasons,
+    OP,
+    "cuda",
+    _LazyLauncher("cuda", "treelora.kernels.cuda_lora", "CUDA_LAUNCHER"),
+    _cuda_reasons,
     environment=lambda: backends.device_reasons_cuda(),
 )
 

@@ -65,8 +65,20 @@ def selection_mask(param: torch.Tensor, grad: torch.Tensor, mask, density: float
 # --- references ---------------------------------------------------------------------------------------------------
 
 
-def masked_adamw_ref_(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas=(0.9, 0.999), eps=1e-8,
-                      weight_decay=0.0, masks=None, density=None) -> None:
+def masked_adamw_ref_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    step,
+    *,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    masks=None,
+    density=None,
+) -> None:
     """Reference (and torch backend): per tensor, compute the dense AdamW update in fp32 (fp64 for fp64 params)
     and write it back only where selected (``torch.where`` keeps the exact old bits elsewhere)."""
     beta1, beta2 = betas
@@ -86,8 +98,9 @@ def masked_adamw_ref_(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas=(
         p.copy_(torch.where(sel, p_new.to(p.dtype), p))
 
 
-def masked_sgd_ref_(params, grads, momentum_buffers, *, lr, momentum=0.0, weight_decay=0.0, masks=None,
-                    density=None) -> None:
+def masked_sgd_ref_(
+    params, grads, momentum_buffers, *, lr, momentum=0.0, weight_decay=0.0, masks=None, density=None
+) -> None:
     """Reference (and torch backend) SGD with torch.optim.SGD's semantics (coupled weight decay g + wd·p,
     buf = momentum·buf + g, no dampening, no Nesterov) on the selected entries only. With momentum = 0 the buffers
     are not used (they may be None)."""
@@ -118,7 +131,8 @@ def _triton_adamw_reasons(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) 
     from treelora.kernels import masked_update as triton_masked_update
 
     return triton_masked_update.not_supported_reasons(
-        params, grads, [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)])
+        params, grads, [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
+    )
 
 
 def _triton_adamw(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> None:
@@ -346,14 +360,14 @@ def _masked_adamw_op(
 ) -> None:
     """``torch.ops.treelora.masked_adamw_`` on validated arguments; ``step_tensor``, when given, replaces ``step``."""
     args = (params, grads, exp_avgs, exp_avg_sqs, step if step_tensor is None else step_tensor)
-    kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, masks=masks or None,
-                  density=density)
+    kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, masks=masks or None, density=density)
     backends.select(OP_ADAMW, *args, **kwargs).fn(*args, **kwargs)
 
 
 @_masked_adamw_op.register_fake
-def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, step, step_tensor, lr, beta1, beta2, eps, weight_decay,
-                       masks, density) -> None:
+def _masked_adamw_fake(
+    params, grads, exp_avgs, exp_avg_sqs, step, step_tensor, lr, beta1, beta2, eps, weight_decay, masks, density
+) -> None:
     return None
 
 
@@ -428,8 +442,21 @@ def masked_adamw_(
     masks, density = _check_selection(params, masks, density)
     step_tensor = step if isinstance(step, torch.Tensor) else None
     with torch.no_grad():
-        _masked_adamw_op(params, grads, exp_avgs, exp_avg_sqs, 1.0 if step_tensor is not None else float(step),
-                         step_tensor, lr, b1, b2, eps, weight_decay, masks or [], density)
+        _masked_adamw_op(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            1.0 if step_tensor is not None else float(step),
+            step_tensor,
+            lr,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            masks or [],
+            density,
+        )
 
 
 def masked_sgd_(

@@ -230,8 +230,9 @@ def _accumulate_triton(mean, sample, count, bank, index, metric="l1", offsets=No
 
 
 backends.register(OP, "triton", _triton_impl, _triton_reasons, environment=backends.triton_environment)
-backends.register(OP_ACCUMULATE, "triton", _accumulate_triton, _accumulate_triton_reasons,
-                  environment=backends.triton_environment)
+backends.register(
+    OP_ACCUMULATE, "triton", _accumulate_triton, _accumulate_triton_reasons, environment=backends.triton_environment
+)
 
 
 # --- cuda backend -------------------------------------------------------------------------------------------------
