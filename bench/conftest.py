@@ -45,8 +45,6 @@ def versions() -> dict[str, str]:
     out = {"torch": torch.__version__, "triton": _version("triton"), "peft": _version("peft")}
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda or ""
-        out["gpu"] = torch.cuda.get_device_name()
-    out["cpu_threads"] = str(torch.get_num_threads())
     return out
 
 
@@ -64,6 +62,9 @@ def record(
         **shape,
     )
     info.update({f"{k}_version": v for k, v in versions().items()})
+    info["cpu_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
 
 
 def synchronized(fn: Callable[[], object], device: torch.device | str | None = None) -> Callable[[], object]:

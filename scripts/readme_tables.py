@@ -4,8 +4,9 @@ Tables (each a Markdown table of mean ± standard deviation over the seeds, with
 
 * ``default``: the built-in default run (``treelora run``: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA);
 * ``instruct``: wordnet-instruct on smollm2-135m, TreeLoRA vs SeqLoRA, few steps per task (CPU budget);
-* ``ablation``: TreeLoRA variants on the default run (regularizer off, split rule, update density, lambda), each one
-  ``--method-option`` away from the default.
+* ``baselines``: O-LoRA, EWC and joint multitask training on the default run;
+* ``ablation``: TreeLoRA variants on the default run (regularizer off, lambda, random search, split rule, update
+  density, the official preset), each one ``--method-option`` away from the default.
 
 Usage::
 
@@ -34,12 +35,17 @@ INSTRUCT_ARGS = ["--stream", "wordnet-instruct", "--model", "smollm2-135m"]
 TABLES: dict[str, dict[str, tuple[list[str], str]]] = {
     "default": {"default": ([], "TreeLoRA,SeqLoRA")},
     "instruct": {"instruct": (INSTRUCT_ARGS, "TreeLoRA,SeqLoRA")},
+    "baselines": {"default": ([], "O-LoRA,EWC,Joint")},
     "ablation": {
         "regularizer-none": (["--method-option", "regularizer=none"], "TreeLoRA"),
+        "lambda-0.5": (["--method-option", "reg_lambda=0.5"], "TreeLoRA"),
+        "lambda-1": (["--method-option", "reg_lambda=1.0"], "TreeLoRA"),
+        "lambda-4": (["--method-option", "reg_lambda=4.0"], "TreeLoRA"),
+        "search-random": (["--method-option", "search=random"], "TreeLoRA"),
         "split-mean_dot": (["--method-option", "split=mean_dot"], "TreeLoRA"),
         "split-mean_distance": (["--method-option", "split=mean_distance"], "TreeLoRA"),
         "density-0.5": (["--method-option", "update_density=0.5"], "TreeLoRA"),
-        "lambda-2": (["--method-option", "reg_lambda=2.0"], "TreeLoRA"),
+        "density-0.1": (["--method-option", "update_density=0.1"], "TreeLoRA"),
         "official-preset": (["--method-option", "preset=official"], "TreeLoRA"),
     },
 }

@@ -26,10 +26,6 @@ from typing import Any, Sequence
 
 DEFAULT_METHODS = "TreeLoRA,SeqLoRA"
 DEFAULT_OUT = "treelora-run"
-# CPU threads of `treelora run` unless --threads says otherwise. On a shared 2-core machine the default run trained at
-# 3.5 step/s on 1 thread and 0.5 step/s on 2 (OpenMP threads spinning while other processes hold the cores); on a
-# dedicated many-core machine, pass --threads.
-DEFAULT_CPU_THREADS = 1
 # Per-stream defaults of `treelora run` (each overridden by its flag). wordnet-supersense on minilm is the built-in
 # default run: 8 tasks of about 400 words, 3 epochs of batch 32 (39 optimizer steps per task); words are 3-6 word-piece
 # tokens, so 16 tokens never cut one. TreeLoRA and SeqLoRA together took 105-253 s of wall time on a shared 2-core CPU
@@ -418,9 +414,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     methods = _parse_methods(args.methods)
     method_options = _parse_options(args.method_option)
     device = _device(args.device)
-    threads = args.threads or (DEFAULT_CPU_THREADS if device == "cpu" else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # torch's default (one thread per core) unless --threads says otherwise: on an idle 2-core machine the default run
+    # took 73 s with 2 threads and 105 s with 1; on a machine shared with other jobs, --threads 1 avoids OpenMP threads
+    # spinning while others hold the cores (seen: 3.5 step/s with 1 thread vs 0.5 with 2).
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for name in ("epochs", "batch_size", "max_steps", "rank"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -592,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an option of the method (TreeLoRAConfig fields such as split=mean_dot or reg_lambda=0; "
         "lambda_orth for O-LoRA, ewc_lambda for EWC); applies to TreeLoRA, or to the only method",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: see the source)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core; 1 helps on a busy shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_run)
 
