@@ -590,7 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an option of the method (TreeLoRAConfig fields such as split=mean_dot or reg_lambda=0; "
         "lambda_orth for O-LoRA, ewc_lambda for EWC); applies to TreeLoRA, or to the only method",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core; 1 helps on a busy shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core; 1 helps on a busy shared machine)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_run)
 
