@@ -46,15 +46,6 @@ def _cpu_tensors_only(*tensors: Any) -> list[str]:
     return []
 
 
-def _without_device_reasons(original):
-    """cuda_lora.not_supported_reasons minus its complaints about CPU tensors (every other reason stays)."""
-
-    def reasons(*args: Any) -> list[str]:
-        return [why for why in original(*args) if " is on cpu;" not in why]
-
-    return reasons
-
-
 @contextlib.contextmanager
 def emulated_cuda(module: ModuleType, *, sm_count: int = 1, reverse_order: bool = False) -> Iterator[ModuleType]:
     """Run the ``cuda`` backend of every op on ``module`` (the emulated extension) for CPU tensors.
@@ -73,7 +64,6 @@ def emulated_cuda(module: ModuleType, *, sm_count: int = 1, reverse_order: bool 
         (cuda_common, "stream_handle", lambda device: 0),
         (cuda_common, "device_guard", lambda device: contextlib.nullcontext()),
         (cuda_common, "num_sms", lambda device: sm_count),
-        (cuda_lora, "not_supported_reasons", _without_device_reasons(cuda_lora.not_supported_reasons)),
         *((launcher, "torch", _PoisoningTorch()) for launcher in _LAUNCHER_MODULES),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]

@@ -11,7 +11,6 @@ import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 METRIC_CODES = {"dot": 0, "l1": 1, "sqeuclidean": 2, "cosine": 3, "l1_normalized": 4}
-KERNEL_DTYPES = tuple(DTYPE_CODES)
 
 
 def dtype_code(t: torch.Tensor, name: str) -> int:

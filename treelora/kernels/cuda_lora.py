@@ -30,7 +30,7 @@ import torch
 
 from treelora import _cpp_lib
 from treelora.kernels import cuda_common as cc
-from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher
+from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher, kernel_input_reasons
 
 # Dropout keeps an element when the top 24 bits of its Philox word are below round((1 - p) · 2^24).
 _KEEP_BITS = 24
@@ -331,19 +331,11 @@ def not_supported_reasons(
     dropout_p: float,
     frozen_rank: int,
 ) -> list[str]:
-    """Why the CUDA kernels cannot run these (validated) inputs; empty when they can.
+    """Why the CUDA kernels cannot run these (validated) inputs; empty when they can. Devices are checked before,
+    by the backend registry (``backends.device_reasons_cuda``).
 
     Args:
         x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for ``lora_linear``.
         scaling, dropout_p, frozen_rank: as for ``lora_linear`` (every value the op accepts is supported).
     """
-    why = []
-    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype not in cc.KERNEL_DTYPES:
-            why.append(f"{name} has dtype {t.dtype}; the CUDA kernels take float32, float16 or bfloat16")
-        if t.device.type != "cuda":
-            why.append(f"{name} is on {t.device}; the CUDA kernels need CUDA tensors")
-    return why
+    return kernel_input_reasons(x, weight, bias, lora_A, lora_B, "CUDA kernels")

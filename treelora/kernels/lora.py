@@ -37,9 +37,9 @@ import triton.language as tl
 
 from treelora.kernels._triton_utils import INTERPRET, CompileSpec
 from treelora.kernels.lora_configs import GemmTiles, LoRAConfig, family, select_config
-from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher
+from treelora.ops._validation import KERNEL_DTYPES
+from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher, kernel_input_reasons
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Smallest r-block: tl.dot needs every dimension >= 16, so r is padded (with masked zeros) to 16 inside a block.
 MIN_BLOCK_R = 16
 # A split-K / split-M part keeps at least this many loop steps so the pipelined loads (num_stages) have work to overlap.
@@ -768,6 +768,14 @@ TRITON_LAUNCHER = TritonLoRALauncher()
 # --- what the kernels cannot run ----------------------------------------------------------------------------------
 
 
+def _device_reason(device: torch.device) -> str | None:
+    if device.type == "cpu" and not INTERPRET:
+        return "is a CPU tensor but the triton kernels were defined without TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"is on {device}; the triton kernels run on CUDA devices"
+    return None
+
+
 def not_supported_reasons(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -784,17 +792,7 @@ def not_supported_reasons(
         x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for ``lora_linear``.
         scaling, dropout_p, frozen_rank: as for ``lora_linear`` (every value the op accepts is supported).
     """
-    why = []
-    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype not in KERNEL_DTYPES:
-            why.append(f"{name} has dtype {t.dtype}; the triton kernels take float32, float16 or bfloat16")
-        if t.device.type == "cpu" and not INTERPRET:
-            why.append(f"{name} is a CPU tensor but the triton kernels were defined without TRITON_INTERPRET=1")
-        elif t.device.type not in ("cpu", "cuda"):
-            why.append(f"{name} is on {t.device}; the triton kernels run on CUDA devices")
+    why = kernel_input_reasons(x, weight, bias, lora_A, lora_B, "triton kernels", _device_reason)
     if x.is_cuda and x.dtype == torch.bfloat16 and not INTERPRET:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         capability = _cuda_properties(index)[0]

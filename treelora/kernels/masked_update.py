@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from treelora.kernels._triton_utils import CompileSpec
+from treelora.ops._validation import KERNEL_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Selection modes of the update kernels.
 SELECT_ALL = tl.constexpr(0)
 SELECT_MASK = tl.constexpr(1)
@@ -610,7 +610,7 @@ def not_supported_reasons(params, grads, states) -> list[str]:
         for i, t in enumerate(tensors):
             if t is None:
                 continue
-            if t.dtype not in SUPPORTED_DTYPES:
+            if t.dtype not in KERNEL_DTYPES:
                 why.append(f"{name}[{i}] has dtype {t.dtype}; the Triton kernels take fp32, fp16 or bf16")
                 break
             if t.numel() > MAX_NUMEL:

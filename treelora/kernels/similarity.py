@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from treelora.kernels._triton_utils import CompileSpec
+from treelora.ops._validation import KERNEL_DTYPES
 
 # Metric codes of the kernel (constexpr so the kernel can compare against them); NORMS and L1_NORMALIZED are the two
 # passes of "l1_normalized".
@@ -48,7 +49,6 @@ METRIC_CODES = {
 _NORMS_PASS = NORMS.value
 # Partial sums kept per (row, program): cosine needs q·g, q·q and g·g; the norms pass ‖g‖₁ and ‖q‖₁.
 _COMPONENTS = {DOT.value: 1, L1.value: 1, SQEUCLIDEAN.value: 1, COSINE.value: 3, NORMS.value: 2, L1_NORMALIZED.value: 1}
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS = tl.constexpr(1e-12)  # the same clamp as the reference (treelora.ops.similarity.EPS)
 NAN = tl.constexpr(float("nan"))
 
@@ -366,7 +366,7 @@ def not_supported_reasons(query, bank, metric="l1", index=None, offsets=None) ->
     """Why these (validated) inputs cannot run here; empty when they can."""
     why = []
     for name, t in (("query", query), ("bank", bank)):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             why.append(f"{name} has dtype {t.dtype}; the Triton kernels take fp32, fp16 or bf16 (fp64 runs on torch)")
     if metric not in METRIC_CODES:
         why.append(f"metric {metric!r} is not implemented in the Triton kernels")
@@ -380,7 +380,7 @@ def accumulate_not_supported_reasons(mean, sample, count, bank, index, metric="l
         why.append(f"mean has dtype {mean.dtype}; the Triton kernel updates an fp32 running mean")
     if not mean.is_contiguous():
         why.append("mean is not contiguous (it is updated in place through flat indices)")
-    if sample.dtype not in SUPPORTED_DTYPES:
+    if sample.dtype not in KERNEL_DTYPES:
         why.append(f"sample has dtype {sample.dtype}; the Triton kernel takes fp32, fp16 or bf16")
     if isinstance(count, torch.Tensor) and count.device.type != "cpu" and count.device != mean.device:
         why.append(f"count is on {count.device} but mean is on {mean.device}")

@@ -8,7 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# What the Triton and CUDA kernels take; float64 inputs run on the torch backend.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
 
 
 def check_tensor(

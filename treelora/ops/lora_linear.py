@@ -16,16 +16,15 @@ from __future__ import annotations
 import abc
 import importlib
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from treelora import backends
-from treelora.ops._validation import check_finite_number, check_same_device, check_tensor
+from treelora.ops._validation import FLOAT_DTYPES, KERNEL_DTYPES, check_finite_number, check_same_device, check_tensor
 
 OP = "lora_linear"
-ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --- reference ----------------------------------------------------------------------------------------------------
@@ -247,6 +246,36 @@ def _torch_reasons(*args: Any) -> list[str]:
 backends.register(OP, "torch", TORCH_LAUNCHER, _torch_reasons)
 
 
+# --- reasons shared by the kernel backends ------------------------------------------------------------------------
+
+
+def kernel_input_reasons(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    kernels: str,
+    device_reason: Callable[[torch.device], str | None] = lambda device: None,
+) -> list[str]:
+    """Why the ``kernels`` (e.g. ``"CUDA kernels"``) cannot take these inputs' dtypes (they take fp32, fp16 and bf16)
+    or devices (``device_reason(device)`` says why a device is unusable, or None), one reason per input, naming it.
+
+    Args:
+        x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for :func:`lora_linear`.
+    """
+    why = []
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is None:
+            continue
+        if t.dtype not in KERNEL_DTYPES:
+            why.append(f"{name} has dtype {t.dtype}; the {kernels} take float32, float16 or bfloat16")
+        device_problem = device_reason(t.device)
+        if device_problem:
+            why.append(f"{name} {device_problem}")
+    return why
+
+
 # --- triton backend: treelora/kernels/lora.py ---------------------------------------------------------------------
 
 
@@ -293,19 +322,19 @@ backends.register(
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank):
-    check_tensor("x", x, dtypes=ACT_DTYPES)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
-    check_tensor("weight", weight, ndim=2, dtypes=ACT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x's last dimension is {x.shape[-1]} but weight (out, in) = {tuple(weight.shape)} has in={K}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=ACT_DTYPES)
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
         if bias.shape[0] != N:
             raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has out_features {N}")
-    check_tensor("lora_A", lora_A, ndim=2, dtypes=ACT_DTYPES)
-    check_tensor("lora_B", lora_B, ndim=2, dtypes=ACT_DTYPES)
+    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("lora_B", lora_B, ndim=2, dtypes=FLOAT_DTYPES)
     r = lora_A.shape[0]
     if r < 1:
         raise ValueError(f"lora_A has rank {r} (shape {tuple(lora_A.shape)}): the LoRA rank r must be >= 1")

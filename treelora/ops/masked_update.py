@@ -24,11 +24,16 @@ from typing import Sequence
 import torch
 
 from treelora import backends
-from treelora.ops._validation import check_finite_number, check_nonempty_list, check_tensor
+from treelora.ops._validation import (
+    FLOAT_DTYPES,
+    KERNEL_DTYPES,
+    check_finite_number,
+    check_nonempty_list,
+    check_tensor,
+)
 
 OP_ADAMW = "masked_adamw_"
 OP_SGD = "masked_sgd_"
-PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MASK_DTYPES = (torch.bool, torch.uint8)
 
 
@@ -164,15 +169,12 @@ backends.register(OP_SGD, "triton", _triton_sgd, _triton_sgd_reasons, environmen
 # --- cuda backend: csrc/masked_update.cu through treelora/kernels/cuda_masked_update.py ---------------------------
 
 
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _cuda_reasons(params, grads, states: list, masks) -> list[str]:
     why = backends.device_reasons_cuda(params[0])  # validation put every tensor on params[0]'s device
     if why:
         return why
     for name, group in [("params", params), ("grads", grads), *states]:
-        bad = sorted({str(t.dtype) for t in group if t is not None and t.dtype not in _CUDA_DTYPES})
+        bad = sorted({str(t.dtype) for t in group if t is not None and t.dtype not in KERNEL_DTYPES})
         if bad:
             why.append(
                 f"{name} hold {', '.join(bad)}: the CUDA kernel takes fp32, fp16 and bf16 (float64 runs on the "
@@ -245,7 +247,7 @@ def _all_tensors(items: list) -> bool:
     return all(isinstance(t, torch.Tensor) for t in items)
 
 
-def _check_group(name: str, tensors, params, *, allow_none: bool = False, dtypes=PARAM_DTYPES) -> list:
+def _check_group(name: str, tensors, params, *, allow_none: bool = False, dtypes=FLOAT_DTYPES) -> list:
     tensors = check_nonempty_list(name, tensors)
     if len(tensors) != len(params):
         raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
@@ -274,13 +276,13 @@ def _check_params(params) -> list:
     params = check_nonempty_list("params", params)
     if (
         _all_tensors(params)
-        and {p.dtype for p in params} <= set(PARAM_DTYPES)
+        and {p.dtype for p in params} <= set(FLOAT_DTYPES)
         and len({p.device for p in params}) == 1
         and all(p.is_contiguous() for p in params)
     ):
         return params
     for i, p in enumerate(params):
-        check_tensor(f"params[{i}]", p, dtypes=PARAM_DTYPES)
+        check_tensor(f"params[{i}]", p, dtypes=FLOAT_DTYPES)
         if not p.is_contiguous():
             raise ValueError(f"params[{i}] must be contiguous (masked updates address entries by flat index)")
         if p.device != params[0].device:

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from treelora import backends
-from treelora.ops._validation import FLOAT_DTYPES, check_tensor
+from treelora.ops._validation import FLOAT_DTYPES, KERNEL_DTYPES, check_tensor
 
 METRICS = ("dot", "l1", "sqeuclidean", "cosine", "l1_normalized")
 IS_DISTANCE = {"dot": False, "l1": True, "sqeuclidean": True, "cosine": False, "l1_normalized": True}
@@ -242,7 +242,7 @@ def _cuda_dtype_reasons(**tensors) -> list[str]:
     return [
         f"{name} is {t.dtype}: the CUDA extension takes fp32, fp16 and bf16 (float64 runs on the torch backend)"
         for name, t in tensors.items()
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        if t.dtype not in KERNEL_DTYPES
     ]
 
 
