@@ -32,6 +32,8 @@ import random
 import re
 from pathlib import Path
 
+from treelora.data.wordnet import MIN_TEST_PER_CLASS, MIN_TRAIN_PER_CLASS, SUPERSENSE_TASKS
+
 # The 45 lexicographer file names, indexed by lex_filenum. They are not in any WordNet data file, only in the
 # lexnames(5WN) manual page, hence the table.
 LEXNAMES = (
@@ -44,22 +46,11 @@ LEXNAMES = (
 ).split()
 assert len(LEXNAMES) == 45
 
-# The stream's 8 tasks of 4 supersenses, in three families of related tasks (must match treelora/data/wordnet.py).
-SUPERSENSE_TASKS = (
-    ("noun.animal", "noun.plant", "noun.food", "noun.artifact"),
-    ("noun.person", "noun.location", "noun.substance", "noun.body"),
-    ("noun.object", "noun.group", "noun.time", "noun.quantity"),
-    ("noun.cognition", "noun.communication", "noun.act", "noun.attribute"),
-    ("noun.feeling", "noun.state", "noun.event", "noun.process"),
-    ("verb.motion", "verb.communication", "verb.change", "verb.contact"),
-    ("verb.cognition", "verb.emotion", "verb.social", "verb.possession"),
-    ("verb.creation", "verb.perception", "verb.stative", "verb.body"),
-)
 # Words kept per class and difficulty: up to 100 train + 40 test. Classes with fewer than 280 qualifying words (the
 # smallest: verb.body with 146) let the two difficulties share words, never going below the stream's minimum of
-# 60 train + 25 test words per class.
+# MIN_TRAIN_PER_CLASS + MIN_TEST_PER_CLASS (60 + 25) words per class. The supersenses of the stream's tasks
+# (SUPERSENSE_TASKS) and those minimums come from treelora.data.wordnet, which reads the files built here.
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 40
-MIN_TRAIN, MIN_TEST = 60, 25
 # Items per instruct task: enough for ~100 steps of batch 4 without repeating, and a test set whose accuracy has
 # a standard error of about 0.05 at 100 items.
 INSTRUCT_SPLITS = {"train": 400, "eval": 50, "test": 100}
@@ -162,13 +153,14 @@ def build_supersense(synsets: dict, counts: dict, indexes: dict) -> list[list[st
     for cls in sorted({c for task in SUPERSENSE_TASKS for c in task}):
         words = [(count, lemma) for count, _, _, lemma in sorted(by_class[cls], reverse=True)]
         n = min(per, len(words))
-        if n < MIN_TRAIN + MIN_TEST:
-            raise SystemExit(f"{cls} has {len(words)} qualifying words, fewer than the {MIN_TRAIN + MIN_TEST} needed")
+        needed = MIN_TRAIN_PER_CLASS + MIN_TEST_PER_CLASS
+        if n < needed:
+            raise SystemExit(f"{cls} has {len(words)} qualifying words, fewer than the {needed} needed")
         common = words[:n]
         # rare: drawn from the words outside the common ones when enough remain, else from the least-tagged words
         rest = words[per:] if len(words) - per >= n else words[-n:]
         rare = rng.sample(sorted(rest, key=lambda t: t[1]), n)
-        n_test = min(TEST_PER_CLASS, n - MIN_TRAIN)
+        n_test = min(TEST_PER_CLASS, n - MIN_TRAIN_PER_CLASS)
         for difficulty, pool in (("common", common), ("rare", rare)):
             pool = sorted(pool, key=lambda t: t[1])
             rng.shuffle(pool)
