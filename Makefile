@@ -32,9 +32,9 @@ test-interpreter:
 test-cuda-emulated:
 	TREELORA_CUDA_EMULATOR=1 $(PYTHON) -m pytest -m cuda_emulated -q
 
-# pytest collects bench_*.py only when named, so list them; results land in bench/results/<device>/all.json.
+# Results land in bench/results/<device>/all.json (one file per benchmark module when a single one is run).
 bench: install-test
-	$(PYTHON) -m pytest bench/bench_*.py --benchmark-only -q
+	$(PYTHON) -m pytest bench --benchmark-only -q
 
 lint:
 	$(PYTHON) -m ruff check treelora tests bench scripts setup.py

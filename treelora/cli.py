@@ -28,9 +28,10 @@ DEFAULT_METHODS = "TreeLoRA,SeqLoRA"
 DEFAULT_OUT = "treelora-run"
 # Per-stream defaults of `treelora run` (each overridden by its flag). wordnet-supersense on minilm is the built-in
 # default run: 8 tasks of about 400 words, 3 epochs of batch 32 (39 optimizer steps per task); words are 3-6 word-piece
-# tokens, so 16 tokens never cut one. TreeLoRA and SeqLoRA together took 105-253 s of wall time on a shared 2-core CPU
-# (1 thread, load average 3-30; seeds 0-2). wordnet-instruct on smollm2-135m: a training step of batch 8 takes about
-# 3 s on one core and a question about 0.35 s to score, hence 40 steps per task and 50 test questions per task.
+# tokens, so 16 tokens never cut one. TreeLoRA and SeqLoRA together take about 75 s of wall time on a 2-core CPU
+# (2 threads; seeds 0-2). wordnet-instruct on smollm2-135m: a training step of batch 8 takes about 1 s on two cores
+# and a question about 0.2 s to score, hence 40 steps per task and 50 test questions per task (about 6 minutes per
+# method and seed).
 STREAM_DEFAULTS: dict[str, dict[str, Any]] = {
     "wordnet-supersense": {"model": "minilm", "epochs": 3, "batch_size": 32, "lr": 2e-3, "max_length": 16},
     "wordnet-instruct": {
