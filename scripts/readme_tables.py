@@ -5,6 +5,7 @@ Tables (each a Markdown table of mean ± standard deviation over the seeds, with
 * ``default``: the built-in default run (``treelora run``: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA);
 * ``instruct``: wordnet-instruct on smollm2-135m, TreeLoRA vs SeqLoRA, few steps per task (CPU budget);
 * ``baselines``: O-LoRA, EWC and joint multitask training on the default run;
+* ``instruct-ablation``: TreeLoRA on the instruct stream with the released scripts' lambda (0.5);
 * ``ablation``: TreeLoRA variants on the default run (regularizer off, lambda, random search, split rule, update
   density, the official preset), each one ``--method-option`` away from the default.
 
@@ -36,6 +37,7 @@ TABLES: dict[str, dict[str, tuple[list[str], str]]] = {
     "default": {"default": ([], "TreeLoRA,SeqLoRA")},
     "instruct": {"instruct": (INSTRUCT_ARGS, "TreeLoRA,SeqLoRA")},
     "baselines": {"default": ([], "O-LoRA,EWC,Joint")},
+    "instruct-ablation": {"lambda-0.5": ([*INSTRUCT_ARGS, "--method-option", "reg_lambda=0.5"], "TreeLoRA")},
     "ablation": {
         "regularizer-none": (["--method-option", "regularizer=none"], "TreeLoRA"),
         "lambda-0.5": (["--method-option", "reg_lambda=0.5"], "TreeLoRA"),

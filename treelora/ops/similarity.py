@@ -34,9 +34,10 @@ EPS = 1e-12
 OP = "pairwise_similarity"
 OP_ACCUMULATE = "accumulate_and_compare"
 
-# The torch backend's full form processes the bank in chunks of at most this many elements so that l1/sqeuclidean
-# never hold more than ~64 MB of fp32 differences at once.
-_TORCH_CHUNK_ELEMENTS = 1 << 24
+# The torch backend's full form processes the bank in blocks of layers of about this many elements (1 MiB of fp32),
+# so that the difference, its magnitude and the row sums of l1/sqeuclidean stay in cache instead of streaming a
+# (T, L, D) temporary through memory three times.
+_TORCH_BLOCK_ELEMENTS = 1 << 18
 
 
 # --- reference ----------------------------------------------------------------------------------------------------
@@ -154,13 +155,13 @@ def _dense_full(q: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tenso
         return out
     qn = q / q.abs().sum(-1, keepdim=True).clamp_min(EPS) if metric == "l1_normalized" else q
     out = torch.empty(T, L, dtype=acc, device=q.device)
-    step = max(1, _TORCH_CHUNK_ELEMENTS // max(1, L * D))
-    for t0 in range(0, T, step):
-        g = bank[t0 : t0 + step].to(acc)
+    step = max(1, _TORCH_BLOCK_ELEMENTS // max(1, T * D))
+    for l0 in range(0, L, step):
+        g = bank[:, l0 : l0 + step].to(acc)
         if metric == "l1_normalized":
             g = g / g.abs().sum(-1, keepdim=True).clamp_min(EPS)
-        diff = g - qn
-        out[t0 : t0 + step] = diff.abs().sum(-1) if metric != "sqeuclidean" else diff.square().sum(-1)
+        diff = g - qn[l0 : l0 + step]
+        out[:, l0 : l0 + step] = diff.abs_().sum(-1) if metric != "sqeuclidean" else diff.square_().sum(-1)
     return out
 
 
