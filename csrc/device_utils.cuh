@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 
@@ -253,6 +254,25 @@ class DropoutStream {
   int64_t cached_group_;
   Philox4 words_;
 };
+
+// --- host-side dispatch ------------------------------------------------------------------------------------------
+
+// Calls f(T{}) with T the C++ type of a dtype code.
+template <typename F>
+void with_dtype(DType dt, const char* entry, const char* name, F&& f) {
+  switch (dt) {
+    case DType::kFloat32:
+      f(float{});
+      return;
+    case DType::kFloat16:
+      f(__half{});
+      return;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      return;
+  }
+  throw bad_argument(entry, std::string("unsupported dtype code for ") + name);
+}
 
 // --- index helpers -----------------------------------------------------------------------------------------------
 

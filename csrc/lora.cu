@@ -376,22 +376,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // --- host side ---------------------------------------------------------------------------------------------------
 
-template <typename F>
-void with_act_dtype(DType dt, const char* entry, F&& f) {
-  switch (dt) {
-    case DType::kFloat32:
-      f(float{});
-      return;
-    case DType::kFloat16:
-      f(__half{});
-      return;
-    case DType::kBFloat16:
-      f(__nv_bfloat16{});
-      return;
-  }
-  throw bad_argument(entry, "unsupported activation dtype code");
-}
-
 bool row_aligned(const void* base, int64_t ld, DType dt) {
   return aligned16(base) && (ld * dtype_size(dt)) % 16 == 0;
 }
@@ -412,7 +396,7 @@ void launch_panel(const PanelArgs& args, const PanelPlan& plan, DType x_dtype, c
                   const char* entry) {
   if (plan.rank_chunks > 65535) throw bad_argument(entry, "rank too large");
   const dim3 grid(static_cast<unsigned>(plan.num_m_panels * plan.num_c_panels), static_cast<unsigned>(plan.rank_chunks));
-  with_act_dtype(x_dtype, entry, [&](auto tag) {
+  with_dtype(x_dtype, entry, "x", [&](auto tag) {
     using TX = decltype(tag);
     switch (plan.rc) {
       case 8:
@@ -575,7 +559,7 @@ void lora_expand(const float* u, int64_t ldu, int64_t M, int64_t C, int64_t r, c
   a.vec_ok = row_aligned(out, ldo, out_dtype);
   const int64_t tiles = ceil_div(M, kExpandM) * ceil_div(C, kExpandC);
   const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count(entry)) * 8);
-  with_act_dtype(out_dtype, entry, [&](auto tag) {
+  with_dtype(out_dtype, entry, "out", [&](auto tag) {
     using TO = decltype(tag);
     lora_expand_kernel<TO><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a);
   });

@@ -165,23 +165,6 @@ __global__ void similarity_reduce_kernel(const float* __restrict__ partials, con
   }
 }
 
-// Calls f(T{}) with T the C++ type of a dtype code.
-template <typename F>
-void with_dtype(DType dt, const char* entry, const char* name, F&& f) {
-  switch (dt) {
-    case DType::kFloat32:
-      f(float{});
-      return;
-    case DType::kFloat16:
-      f(__half{});
-      return;
-    case DType::kBFloat16:
-      f(__nv_bfloat16{});
-      return;
-  }
-  throw bad_argument(entry, std::string("unsupported dtype code for ") + name);
-}
-
 struct Geometry {
   const int64_t* chunk_offsets;
   int64_t num_layers, total_chunks, num_pairs;
