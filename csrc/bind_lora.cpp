@@ -1,5 +1,5 @@
 // Python bindings of the LoRA-branch kernels: pointers, strides and the stream arrive as integers from
-// treelora/kernels/cuda_lora.py, which validated shapes, dtypes and devices and allocated the workspace.
+// treelora/kernels/cuda/lora.py, which validated shapes, dtypes and devices and allocated the workspace.
 #include <pybind11/pybind11.h>
 
 #include "lora.h"

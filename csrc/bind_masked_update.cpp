@@ -1,5 +1,5 @@
 // Python bindings of the masked multi-tensor optimizer: the tensor table, workspace and stream arrive as integers from
-// treelora/kernels/cuda_masked_update.py, which validated every tensor and built the table.
+// treelora/kernels/cuda/masked_update.py, which validated every tensor and built the table.
 #include <pybind11/pybind11.h>
 
 #include "masked_update.h"

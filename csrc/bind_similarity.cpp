@@ -1,5 +1,5 @@
 // Python bindings of the similarity kernels: pointers and the stream arrive as integers from
-// treelora/kernels/cuda_similarity.py, which validated shapes, dtypes, devices and the chunk geometry.
+// treelora/kernels/cuda/similarity.py, which validated shapes, dtypes, devices and the chunk geometry.
 #include <pybind11/pybind11.h>
 
 #include "similarity.h"

@@ -1,9 +1,12 @@
-// Shared helpers for treelora's CUDA C++ kernels: dtype/metric codes (mirrored in treelora/kernels/cuda_common.py),
-// error checking that turns CUDA failures into C++ exceptions (pybind11 maps them to Python RuntimeError), and a
-// device check every entry point runs first so a machine without a GPU gets a clear error instead of a crash.
+// Shared helpers for treelora's CUDA C++ kernels: dtype/metric codes and the similarity clamp (kernel_constants.h,
+// generated from treelora/kernels/constants.py), error checking that turns CUDA failures into C++ exceptions
+// (pybind11 maps them to Python RuntimeError), and a device check every entry point runs first so a machine without
+// a GPU gets a clear error instead of a crash.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include "kernel_constants.h"
 
 #include <atomic>
 #include <cstdint>
@@ -11,10 +14,6 @@
 #include <string>
 
 namespace treelora {
-
-// Codes passed from Python; keep in sync with treelora/kernels/cuda_common.py.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum class Metric : int { kDot = 0, kL1 = 1, kSqEuclidean = 2, kCosine = 3, kL1Normalized = 4 };
 
 class CudaError : public std::runtime_error {
  public:

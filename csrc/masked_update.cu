@@ -197,7 +197,7 @@ struct AdamWRule {
       s.bc2 = static_cast<float>(1.0 - pow(s.beta2_d, step));
     }
   }
-  // The arithmetic of masked_adamw_ref_ (treelora/ops/masked_update.py), in fp32.
+  // The arithmetic of masked_adamw_ref_ (treelora/kernels/torch/masked_update.py), in fp32.
   __device__ __forceinline__ void apply(float& p, float g, float& m, float& v, bool) const {
     m = s.beta1 * m + s.one_minus_beta1 * g;
     v = s.beta2 * v + s.one_minus_beta2 * g * g;

@@ -19,7 +19,7 @@ enum class SelectKind : int64_t {
   kDensity = 3,    // |grad| >= the k-th largest |grad| of the tensor (k = topk), found by radix select
 };
 
-// One tensor of a launch: 16 int64 words, packed by treelora/kernels/cuda_masked_update.py (keep the order in sync).
+// One tensor of a launch: 16 int64 words, packed by treelora/kernels/cuda/masked_update.py (keep the order in sync).
 struct MaskedTensorEntry {
   int64_t param, grad, state0, state1;  // addresses; state0 = exp_avg or momentum buffer (0: none), state1 = exp_avg_sq
   int64_t select;                       // byte mask or index list address (by select_kind)

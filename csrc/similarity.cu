@@ -11,7 +11,6 @@ constexpr int kThreads = 256;      // 8 warps: enough 16-byte loads in flight pe
 constexpr int kVec = 8;            // elements per vector step: one 16-byte load of fp16/bf16, two of fp32
 constexpr int kBlocksPerSm = 8;    // 8 x 256 threads fill an SM (2048 threads) for the grid-stride loop
 constexpr int kMaxSums = 3;        // cosine keeps three sums (q.g, q.q, g.g)
-constexpr float kEps = 1e-12f;     // the clamp of treelora/ops/similarity.py (EPS)
 
 // What one pass accumulates per element; each metric maps to one pass (l1_normalized to two: norms, then distance).
 enum class Pass { kDot, kL1, kSqEuclidean, kCosine, kL1Norms, kL1NormalizedDistance };
@@ -156,10 +155,10 @@ __global__ void similarity_reduce_kernel(const float* __restrict__ partials, con
   for (int k = 0; k < kSums; ++k) s[k] = warp_sum(s[k]);
   if (lane != 0) return;
   if constexpr (P == Pass::kCosine) {
-    out[pair] = s[0] / fmaxf(sqrtf(s[1]) * sqrtf(s[2]), kEps);
+    out[pair] = s[0] / fmaxf(sqrtf(s[1]) * sqrtf(s[2]), kSimilarityEps);
   } else if constexpr (P == Pass::kL1Norms) {
-    out[2 * pair] = 1.f / fmaxf(s[0], kEps);
-    out[2 * pair + 1] = 1.f / fmaxf(s[1], kEps);
+    out[2 * pair] = 1.f / fmaxf(s[0], kSimilarityEps);
+    out[2 * pair + 1] = 1.f / fmaxf(s[1], kSimilarityEps);
   } else {
     out[pair] = s[0];
   }

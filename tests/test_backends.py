@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import treelora
+from tests.conftest import HAS_TRITON
 from treelora import backends
+
+
+def _module(op: str, fn, reasons) -> SimpleNamespace:
+    """A backend module of a one-op family: the entry point named like the op and its reasons function."""
+    return SimpleNamespace(**{op: fn, backends.reasons_name(op): reasons})
 
 
 @pytest.fixture
 def toy_op():
     """A throwaway op with a cuda backend that never runs, a triton backend that refuses big inputs, and torch."""
     op = "toy_op_for_tests"
-    backends.register(op, "cuda", lambda x: "cuda", lambda x: ["no GPU in this test"])
-    backends.register(op, "triton", lambda x: "triton", lambda x: [] if x < 10 else [f"x={x} is too large"])
-    backends.register(op, "torch", lambda x: "torch", lambda x: [])
+    backends.register_family(
+        "toy_family",
+        ops=(op,),
+        cuda=_module(op, lambda x: "cuda", lambda x: ["no GPU in this test"]),
+        triton=_module(op, lambda x: "triton", lambda x: [] if x < 10 else [f"x={x} is too large"]),
+        torch=_module(op, lambda x: "torch", lambda x: []),
+    )
     yield op
-    del backends._REGISTRY[op]
+    backends.unregister_family("toy_family")
 
 
 def test_automatic_choice_takes_first_backend_that_can_run(toy_op):
@@ -61,18 +75,18 @@ def test_bad_names():
     with pytest.raises(KeyError, match="unknown op"):
         backends.select("no_such_op")
     with pytest.raises(ValueError, match="backend name"):
-        backends.register("x", "mps", lambda: None, lambda: [])
+        backends.register_family("x", ops=("x",), torch=_module("x", lambda: None, lambda: []), mps=object())
 
 
 def test_forced_backend_missing_for_op_says_so(toy_op):
     op = "toy_op_torch_only"
-    backends.register(op, "torch", lambda: "torch", lambda: [])
+    backends.register_family("toy_torch_only", ops=(op,), torch=_module(op, lambda: "torch", lambda: []))
     try:
         with treelora.use_backend("triton"):
             with pytest.raises(treelora.BackendUnavailableError, match="not implemented for this op"):
                 backends.select(op)
     finally:
-        del backends._REGISTRY[op]
+        backends.unregister_family("toy_torch_only")
 
 
 def test_explain_lists_every_backend(toy_op):
@@ -81,6 +95,10 @@ def test_explain_lists_every_backend(toy_op):
         "triton": ["x=30 is too large"],
         "torch": [],
     }
+
+
+def test_the_three_families_are_registered():
+    assert {"lora_linear", "similarity", "masked_update"} <= set(backends.families())
 
 
 def test_real_ops_fall_back_to_torch_on_cpu():
@@ -95,3 +113,54 @@ def test_real_ops_fall_back_to_torch_on_cpu():
     with treelora.use_backend("cuda"):
         with pytest.raises(treelora.BackendUnavailableError, match="cuda"):
             treelora.ops.pairwise_similarity(torch.randn(2, 4), torch.randn(3, 2, 4), index=torch.zeros(2).long())
+
+
+def test_a_family_registers_in_one_call_and_imports_its_modules_only_when_asked(tmp_path, monkeypatch):
+    """One registration per family: every op gets every backend; a module given by path is imported on first use,
+    after its package's environment check, and its entry points and reasons are looked up by the op's name."""
+    package = tmp_path / "toy_backend_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("def environment_reasons():\n    return []\n")
+    (package / "mod.py").write_text(
+        "def toy_a(x):\n    return 2 * x\n\n"
+        "def toy_a_not_supported_reasons(x):\n    return []\n\n"
+        "def toy_b_(x):\n    return x + 1\n\n"
+        "def toy_b_not_supported_reasons(x):\n    return [] if x >= 0 else ['x < 0']\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backends.register_family("toy_lazy", ops=("toy_a", "toy_b_"), torch="toy_backend_pkg.mod")
+    try:
+        assert backends.families()["toy_lazy"] == ("toy_a", "toy_b_")
+        assert "toy_backend_pkg.mod" not in sys.modules
+        assert backends.explain("toy_b_", -1) == {"torch": ["x < 0"]}
+        assert "toy_backend_pkg.mod" in sys.modules
+        assert backends.select("toy_a", 3).fn(3) == 6
+        assert backends.select("toy_b_", 3).fn(3) == 4
+        with pytest.raises(ValueError, match="already registered by family 'toy_lazy'"):
+            backends.register_family("other", ops=("toy_a",), torch="toy_backend_pkg.mod")
+        with pytest.raises(ValueError, match="torch backend is required"):
+            backends.register_family("no_torch", ops=("toy_c",), triton="toy_backend_pkg.mod")
+    finally:
+        backends.unregister_family("toy_lazy")
+        monkeypatch.delitem(sys.modules, "toy_backend_pkg.mod", raising=False)
+        monkeypatch.delitem(sys.modules, "toy_backend_pkg", raising=False)
+    assert "toy_a" not in backends.registered_ops()
+
+
+@pytest.mark.parametrize("family", sorted(backends.families()))
+def test_every_op_family_registers_every_backend_with_named_entry_points(family):
+    """Every family treelora.ops registers follows one contract: every backend module exports each op's entry points
+    (named like the op) and its ``<op>_not_supported_reasons`` taking the op's parameters (lora_linear's without
+    ``training``: its backends see the effective dropout probability)."""
+    names = [n for n in backends.BACKEND_NAMES if n != "triton" or HAS_TRITON]
+    for op in backends.families()[family]:
+        table = backends.backends_for(op)
+        assert set(table) == set(backends.BACKEND_NAMES), (op, sorted(table))
+        public = [p for p in inspect.signature(getattr(treelora.ops, op)).parameters if p != "training"]
+        for name in names:
+            backend = table[name]
+            for entry in backend.entries:
+                assert entry.startswith(op.rstrip("_")), (op, name, entry)
+                assert callable(getattr(backend.module, entry)), (op, name, entry)
+            reasons = getattr(backend.module, backends.reasons_name(op))
+            assert list(inspect.signature(reasons).parameters) == public, (op, name)

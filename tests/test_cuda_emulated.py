@@ -20,9 +20,10 @@ from tests import cuda_emulator
 from tests import test_cuda_lora as lora
 from tests import test_cuda_masked_update as masked
 from tests import test_cuda_similarity as similarity
+from tests import test_ops_lora_routing as routing
 from tests.utils import assert_close_to_ref
 from treelora import _cpp_lib, backends, use_backend
-from treelora.kernels import cuda_similarity
+from treelora.kernels.cuda import similarity as cuda_similarity
 from treelora.ops.masked_update import masked_adamw_
 from treelora.ops.similarity import METRICS, pairwise_similarity_ref
 
@@ -122,7 +123,7 @@ def test_similarity_out_of_range_index_gives_nan():
     kernel could see it (a device index cannot be checked without a synchronisation)."""
     q, bank = torch.randn(2 * 64), torch.randn(3, 2 * 64)
     for metric in METRICS:
-        out = cuda_similarity.similarity(q, bank, (0, 64, 128), metric, torch.tensor([1, 3]))
+        out = cuda_similarity.similarity_flat(q, bank, (0, 64, 128), metric, torch.tensor([1, 3]))
         ref = pairwise_similarity_ref(q.double(), bank.double(), metric, torch.tensor([1, 0]), offsets=(0, 64, 128))
         assert torch.isnan(out[1]) and not torch.isnan(out[0]), f"{metric}: {out.tolist()}"
         assert_close_to_ref(f"{metric} valid layer", out[:1], ref[:1], dtype=torch.float32)
@@ -251,6 +252,18 @@ def test_lora_disabled_adapter_is_bitwise_the_base_op():
 @pytest.mark.usefixtures("on_emulator")
 def test_lora_empty_batch():
     lora.check_empty_batch(device=CPU)
+
+
+@pytest.mark.usefixtures("on_emulator")
+@pytest.mark.parametrize("s_grad", [False, True], ids=["s-frozen", "s-trainable"])
+def test_lora_tensor_scaling(s_grad, monkeypatch):
+    routing.check_tensor_scaling("cuda", torch.float32, CPU, s_grad, monkeypatch, torch.device(CPU))
+
+
+@pytest.mark.usefixtures("on_emulator")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_lora_autocast_matches_stock_lora(grad):
+    routing.check_autocast_matches_stock_lora("cuda", grad, True, device=torch.device(CPU))
 
 
 @pytest.mark.usefixtures("on_emulator")

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from treelora import _cpp_lib, backends, info
-from treelora.kernels import cuda_lora, cuda_masked_update, cuda_similarity
+from treelora.kernels.cuda import lora as cuda_lora
+from treelora.kernels.cuda import masked_update as cuda_masked_update
+from treelora.kernels.cuda import similarity as cuda_similarity
 
 # Entry points that launch kernels (each calls require_device first), with arguments of the right types.
 LAUNCHING_ENTRY_POINTS = {
@@ -89,7 +91,7 @@ def _cpu_inputs() -> dict[str, tuple[tuple, dict]]:
     return {
         "lora_linear": ((x, w, None, a, b, 1.0, 0.0, 0), {}),
         "pairwise_similarity": ((q, bank, "l1", index, None), {}),
-        "accumulate_and_compare": ((q, q, 1.0, bank, index, "l1", None), {}),
+        "accumulate_and_compare_": ((q, q, 1.0, bank, index, "l1", None), {}),
         "masked_adamw_": ((p, p, p, p, 1), adam),
         "masked_sgd_": ((p, p, p), dict(lr=1e-3, momentum=0.9, weight_decay=0.0, masks=None, density=None)),
     }
@@ -118,15 +120,15 @@ def test_launchers_reject_bad_layouts_before_the_extension():
         pytest.skip("the launchers need treelora._C to be importable")
     bank = torch.zeros(3, 24)
     with pytest.raises(ValueError, match="query must be a contiguous"):
-        cuda_similarity.similarity(torch.zeros(24, 2)[:, 0], bank, (0, 24), "l1", None)
+        cuda_similarity.similarity_flat(torch.zeros(24, 2)[:, 0], bank, (0, 24), "l1", None)
     with pytest.raises(ValueError, match="offsets must run from 0 to 24"):
-        cuda_similarity.similarity(torch.zeros(24), bank, (0, 20), "l1", None)
-    with pytest.raises(ValueError, match="index must be a contiguous"):
-        cuda_similarity.similarity(torch.zeros(24), bank, (0, 12, 24), "l1", torch.zeros(2, dtype=torch.int32))
+        cuda_similarity.similarity_flat(torch.zeros(24), bank, (0, 20), "l1", None)
+    with pytest.raises(TypeError, match="index must be a contiguous"):
+        cuda_similarity.similarity_flat(torch.zeros(24), bank, (0, 12, 24), "l1", torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="metric must be one of"):
-        cuda_similarity.similarity(torch.zeros(24), bank, (0, 24), "hamming", None)
+        cuda_similarity.similarity_flat(torch.zeros(24), bank, (0, 24), "hamming", None)
     with pytest.raises(TypeError, match="mean must be fp32"):
-        cuda_similarity.accumulate_and_compare(
+        cuda_similarity.accumulate_and_compare_flat(
             torch.zeros(24, dtype=torch.float16),
             torch.zeros(24),
             1.0,

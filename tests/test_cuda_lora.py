@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import test_ops_lora_routing as routing
 from tests.utils import assert_close_to_ref
 from treelora import backends, use_backend
-from treelora.kernels.cuda_lora import CUDA_LAUNCHER
-from treelora.ops.lora_linear import lora_linear, lora_linear_ref
+from treelora.kernels.cuda import lora as cuda_lora
+from treelora.ops.lora_linear import launch_backward, launch_dropout_mask, launch_forward, lora_linear, lora_linear_ref
 
 pytestmark = [pytest.mark.requires_cuda, pytest.mark.requires_cuda_ext]
 DEVICE = "cuda"
@@ -35,10 +36,11 @@ def _inputs(M, K, N, r, dtype, bias=True, contiguous=True, device=DEVICE):
 
 
 def _launch(x, w, b, a, bb, s, p, f, dy):
-    """Forward and backward through the cuda launcher; returns y, (dx, dA, dB) and the regenerated keep mask."""
-    y, saved, state = CUDA_LAUNCHER.forward(x, w, b, a, bb, s, p, f, True)
-    dx, dA, dB = CUDA_LAUNCHER.backward(dy, saved, state, True, True, True)
-    return y, (dx, dA, dB), CUDA_LAUNCHER.dropout_mask(saved, state)
+    """Forward and backward through the cuda backend as the ops layer launches it (empty inputs routed to the torch
+    backend); returns y, (dx, dA, dB) and the regenerated keep mask."""
+    y, saved, launch = launch_forward(cuda_lora, x, w, b, a, bb, s, p, f, True)
+    dx, dA, dB = launch_backward(dy, saved, launch, True, True, True)
+    return y, (dx, dA, dB), launch_dropout_mask(saved, launch)
 
 
 def _reference(x, w, b, a, bb, s, p, f, dy, mask, dtype):
@@ -187,6 +189,19 @@ def check_empty_batch(device=DEVICE):
 
 def test_empty_batch():
     check_empty_batch()
+
+
+@pytest.mark.parametrize("s_on_cpu", [True, False], ids=["s-cpu", "s-on-gpu"])
+@pytest.mark.parametrize("s_grad", [False, True], ids=["s-frozen", "s-trainable"])
+def test_tensor_scaling_matches_reference_without_host_syncs(s_grad, s_on_cpu, monkeypatch):
+    """A 0-dim tensor scaling on the cuda backend (the checks of tests/test_ops_lora_routing.py)."""
+    device = torch.device(DEVICE)
+    routing.check_tensor_scaling("cuda", torch.float32, "cpu" if s_on_cpu else device, s_grad, monkeypatch, device)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_autocast_matches_stock_lora(grad):
+    routing.check_autocast_matches_stock_lora("cuda", grad, True, device=torch.device(DEVICE))
 
 
 def check_reproducible(shape=(1000, 1024, 512), dropout_p=0.0, device=DEVICE, between=None):

@@ -1,16 +1,19 @@
-"""Triton fused LoRA linear (treelora/kernels/lora.py) against the float64 reference.
+"""Triton fused LoRA linear (treelora/kernels/triton/lora.py) against the float64 reference.
 
 Kernel tests carry the ``interpreter`` marker: on CPU they run under ``TRITON_INTERPRET=1`` (the interpreter lane of
 `make test`), on a GPU machine natively. Each compares y, dx, dA and dB with ``lora_linear_ref`` on fp64 inputs through
 the tolerance rule (tests/utils.py), the baseline being the same reference in the inputs' own precision. Dropout is
-checked by regenerating the kernels' mask with ``dropout_mask`` and feeding it to the reference. The checks of the
-configuration table, the compile specs and ``not_supported_reasons`` run in the CPU lane.
+checked by regenerating the kernels' mask with ``lora_linear_dropout_mask`` and feeding it to the reference. The
+backend is launched as the ops layer launches it (``launch_forward``: empty inputs and a zero scale routed to the torch
+backend). The checks of the configuration table, the compile specs and the reasons run in the CPU lane.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,10 +25,16 @@ from tests.utils import assert_close_to_ref
 pytest.importorskip("triton")
 
 from treelora import use_backend  # noqa: E402
-from treelora.kernels import lora as kernels  # noqa: E402
-from treelora.kernels import lora_configs  # noqa: E402
-from treelora.kernels._triton_utils import compile_for_target  # noqa: E402
-from treelora.ops.lora_linear import LoRALinearFunction, lora_linear, lora_linear_ref  # noqa: E402
+from treelora.kernels.triton import compile_specs, lora_configs  # noqa: E402
+from treelora.kernels.triton import lora as kernels  # noqa: E402
+from treelora.ops.lora_linear import (  # noqa: E402
+    LoRALinearFunction,
+    launch_backward,
+    launch_dropout_mask,
+    launch_forward,
+    lora_linear,
+    lora_linear_ref,
+)
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 interpreter = pytest.mark.interpreter
@@ -51,12 +60,22 @@ def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, seed=0):
     return x, w, b, a, bb, dy
 
 
-def run_launcher(launcher, x2d, w, b, a, bb, s, p, f, dy):
-    """Forward and backward through a launcher directly; returns y, dx, dA, dB (trainable slices) and the mask."""
-    y, saved, state = launcher.forward(x2d, w, b, a, bb, s, p, f, True)
-    mask = launcher.dropout_mask(saved, state)
-    dx, dA, dB = launcher.backward(dy, saved, state, True, True, True)
+def run_launcher(impl, x2d, w, b, a, bb, s, p, f, dy):
+    """Forward and backward through a backend module directly; returns y, dx, dA, dB (trainable slices) and the
+    mask."""
+    y, saved, launch = launch_forward(impl, x2d, w, b, a, bb, s, p, f, True)
+    mask = launch_dropout_mask(saved, launch)
+    dx, dA, dB = launch_backward(dy, saved, launch, True, True, True)
     return y, dx, dA, dB, mask
+
+
+def with_config(cfg):
+    """The triton backend with a fixed kernel configuration instead of the table's."""
+    return SimpleNamespace(
+        lora_linear_fwd=functools.partial(kernels.lora_linear_fwd, config=cfg),
+        lora_linear_bwd=kernels.lora_linear_bwd,
+        lora_linear_dropout_mask=kernels.lora_linear_dropout_mask,
+    )
 
 
 def reference(x, w, b, a, bb, s, p, mask, f, dy, dtype=None):
@@ -106,7 +125,7 @@ def test_matches_reference(dtype, r):
     M, K, N = SHAPE
     x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype)
     s = 2.0 / r
-    outs = run_launcher(kernels.TRITON_LAUNCHER, x, w, b, a, bb, s, 0.0, 0, dy)
+    outs = run_launcher(kernels, x, w, b, a, bb, s, 0.0, 0, dy)
     assert outs[4] is None
     check(f"{dtype} r={r}", outs[:4], x, w, b, a, bb, s, 0.0, None, 0, dy)
 
@@ -117,7 +136,7 @@ def test_matches_reference(dtype, r):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_awkward_shapes(dtype, M, K, N):
     x, w, b, a, bb, dy = make_inputs(M, K, N, 3, dtype)
-    outs = run_launcher(kernels.TRITON_LAUNCHER, x, w, b, a, bb, 0.5, 0.0, 0, dy)
+    outs = run_launcher(kernels, x, w, b, a, bb, 0.5, 0.0, 0, dy)
     check(f"M={M} K={K} N={N}", outs[:4], x, w, b, a, bb, 0.5, 0.0, None, 0, dy)
 
 
@@ -128,7 +147,7 @@ def test_dropout_matches_reference_with_regenerated_mask(dtype, r, frozen):
     M, K, N = SHAPE
     p = 0.25
     x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype)
-    y, dx, dA, dB, mask = run_launcher(kernels.TRITON_LAUNCHER, x, w, b, a, bb, 1.5, p, frozen, dy)
+    y, dx, dA, dB, mask = run_launcher(kernels, x, w, b, a, bb, 1.5, p, frozen, dy)
     assert mask is not None and mask.dtype == torch.bool and mask.shape == x.shape
     keep = mask.float().mean().item()
     assert abs(keep - (1 - p)) < 0.03, f"keep rate {keep:.3f}, expected {1 - p}"  # 4520 draws: 3 % is 4.7 sigma
@@ -139,11 +158,10 @@ def test_dropout_matches_reference_with_regenerated_mask(dtype, r, frozen):
 def test_dropout_mask_is_drawn_per_call_from_torchs_generator():
     M, K, N = SHAPE
     x, w, b, a, bb, dy = make_inputs(M, K, N, 4, torch.float32)
-    launcher = kernels.TRITON_LAUNCHER
 
     def mask_of_a_forward():
-        _, saved, state = launcher.forward(x, w, b, a, bb, 1.0, 0.5, 0, True)
-        return launcher.dropout_mask(saved, state)
+        _, saved, launch = launch_forward(kernels, x, w, b, a, bb, 1.0, 0.5, 0, True)
+        return launch_dropout_mask(saved, launch)
 
     torch.manual_seed(7)
     first, second = mask_of_a_forward(), mask_of_a_forward()
@@ -161,7 +179,7 @@ def test_stacked_adapters_through_the_function(dtype, r, frozen):
     M, K, N = SHAPE
     x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype)
     xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, bb))
-    y = LoRALinearFunction.apply(xg, w, b, ag, bg, 0.8, 0.0, frozen, kernels.TRITON_LAUNCHER)
+    y = LoRALinearFunction.apply(xg, w, b, ag, bg, 0.8, 0.0, frozen, kernels)
     y.backward(dy)
     assert torch.count_nonzero(ag.grad[:frozen]) == 0 and torch.count_nonzero(bg.grad[:, :frozen]) == 0
     check(f"{dtype} r={r} f={frozen}", (y, xg.grad, ag.grad[frozen:], bg.grad[:, frozen:]), x, w, b, a, bb, 0.8, 0.0,
@@ -177,7 +195,7 @@ def test_reduction_modes_and_base_strategies(mode, base):
     dtype, r, f, p = torch.float16, 19, 3, 0.125
     x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype)
     cfg = config(M, r, dtype, forward_base=base, grad_base=base, split_k=2, split_m=3)
-    launcher = kernels.TritonLoRALauncher(cfg)
+    launcher = with_config(cfg)
     with deterministic_algorithms(mode == "deterministic"):
         torch.manual_seed(3)
         first = run_launcher(launcher, x, w, b, a, bb, 0.6, p, f, dy)
@@ -211,7 +229,7 @@ def test_non_contiguous_x(layout):
         else:
             x = torch.stack([x, x], dim=2).flatten(1)[:, ::2]  # columns 2 apart: copied once
         assert not x.is_contiguous()
-        outs = run_launcher(kernels.TRITON_LAUNCHER, x, w, b, a, bb, 0.5, 0.0, 0, dy)[:4]
+        outs = run_launcher(kernels, x, w, b, a, bb, 0.5, 0.0, 0, dy)[:4]
     check(layout, outs, x, w, b, a, bb, 0.5, 0.0, None, 0, dy)
 
 
@@ -232,7 +250,7 @@ def test_mixed_dtypes(dtype, adapter_dtype, weight_dtype, base):
     M, K, N = SHAPE
     x, w, b, a, bb, dy = make_inputs(M, K, N, 8, dtype, adapter_dtype=adapter_dtype)
     w = w.to(weight_dtype)
-    launcher = kernels.TritonLoRALauncher(config(M, 8, dtype, forward_base=base, grad_base=base))
+    launcher = with_config(config(M, 8, dtype, forward_base=base, grad_base=base))
     outs = run_launcher(launcher, x, w, b, a, bb, 0.5, 0.0, 2, dy)[:4]
     # The reference computes in x's dtype after casting W, A and B to it: the same contract.
     check(f"{dtype} adapters {adapter_dtype} weight {weight_dtype}", outs, x, w, b, a, bb, 0.5, 0.0, None, 2, dy)
@@ -243,7 +261,7 @@ def test_mixed_dtypes(dtype, adapter_dtype, weight_dtype, base):
 def test_zero_scale_is_bitwise_the_base_op(dtype):
     M, K, N = SHAPE
     x, w, b, a, bb, dy = make_inputs(M, K, N, 4, dtype)
-    y, dx, dA, dB, _ = run_launcher(kernels.TRITON_LAUNCHER, x, w, b, a, bb, 0.0, 0.5, 0, dy)
+    y, dx, dA, dB, _ = run_launcher(kernels, x, w, b, a, bb, 0.0, 0.5, 0, dy)
     assert torch.equal(y, F.linear(x, w, b))
     assert torch.equal(dx, dy @ w)
     assert torch.count_nonzero(dA) == 0 and torch.count_nonzero(dB) == 0
@@ -278,8 +296,8 @@ def test_partial_gradients(needs):
 def test_no_grad_forward_saves_nothing():
     M, K, N = SHAPE
     x, w, b, a, bb, _ = make_inputs(M, K, N, 8, torch.float32)
-    y, saved, state = kernels.TRITON_LAUNCHER.forward(x, w, b, a, bb, 0.5, 0.1, 0, False)
-    assert saved == () and kernels.TRITON_LAUNCHER.dropout_mask(saved, state) is None
+    y, saved, launch = launch_forward(kernels, x, w, b, a, bb, 0.5, 0.1, 0, False)
+    assert saved == () and launch_dropout_mask(saved, launch) is None
     assert y.shape == (M, N)
 
 
@@ -303,7 +321,7 @@ def test_benchmark_shapes_on_gpu(dtype, K, N, r, p, frozen):
         pytest.skip("native kernels only")
     M = 4096
     x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype, adapter_dtype=torch.float32)
-    outs = run_launcher(kernels.TRITON_LAUNCHER, x, w, b, a, bb, 2.0, p, frozen, dy)
+    outs = run_launcher(kernels, x, w, b, a, bb, 2.0, p, frozen, dy)
     check(f"{dtype} K={K} N={N} r={r} p={p} f={frozen}", outs[:4], x, w, b, a, bb, 2.0, p, outs[4], frozen, dy)
 
 
@@ -348,7 +366,7 @@ def test_config_rejects_bad_fields(change, message):
 
 @pytest.mark.skipif(INTERPRET, reason="compile specs are defined in the CPU lane")
 def test_compile_specs_cover_every_kernel_dtype_and_dropout():
-    specs = kernels.COMPILE_SPECS
+    specs = compile_specs.lora_specs()
     kernels_seen = {s.kernel for s in specs}
     assert kernels_seen == {
         kernels._lora_shrink_kernel, kernels._lora_gemm_kernel, kernels._lora_dudb_kernel,
@@ -371,13 +389,14 @@ def test_compile_specs_cover_every_kernel_dtype_and_dropout():
 @pytest.mark.parametrize("family", ["sm80", "sm90"])
 def test_fused_gemm_tiles_pipeline_within_shared_memory(family):
     """The interpreter forgives any tile size; a GPU refuses a launch whose pipelined tiles exceed shared memory."""
-    specs = [s for s in kernels.COMPILE_SPECS if s.name.startswith("gemm-fused") and s.name.endswith(family)]
+    specs = [s for s in compile_specs.lora_specs() if s.name.startswith("gemm-fused") and s.name.endswith(family)]
     assert specs
     for spec in specs:
-        compiled = compile_for_target(spec, int(family[2:]), aligned=True)  # as benchmark shapes specialise it
+        # aligned: as benchmark shapes specialise it
+        compiled = compile_specs.compile_for_target(spec, int(family[2:]), aligned=True)
         shared = compiled.metadata.shared
         print(f"{spec.name}: {shared} bytes of shared memory")
-        assert shared <= kernels.SHARED_MEMORY_LIMIT[family], f"{spec.name}: {shared} bytes of shared memory"
+        assert shared <= lora_configs.SHARED_MEMORY_LIMIT[family], f"{spec.name}: {shared} bytes of shared memory"
         assert "async_copy_global_to_local" in compiled.asm["ttgir"], f"{spec.name}: main loop not pipelined"
 
 
@@ -389,7 +408,7 @@ def _tensors(device, dtype=torch.float32):
 @pytest.mark.skipif(INTERPRET, reason="checks the kernels defined for a GPU")
 def test_not_supported_reasons_name_the_argument():
     x, w, b, a, bb = _tensors("cpu")
-    why = kernels.not_supported_reasons(x.double(), w, b, a.double(), bb, 1.0, 0.0, 0)
+    why = kernels.lora_linear_not_supported_reasons(x.double(), w, b, a.double(), bb, 1.0, 0.0, 0)
     assert any(r.startswith("x has dtype torch.float64") for r in why), why
     assert any(r.startswith("lora_A has dtype torch.float64") for r in why), why
     assert not any(r.startswith("weight has dtype") for r in why), why
@@ -399,6 +418,6 @@ def test_not_supported_reasons_name_the_argument():
 @interpreter
 def test_forced_triton_backend_raises_with_the_reasons():
     x, w, b, a, bb = _tensors(DEVICE, torch.float64)
-    assert kernels.not_supported_reasons(*_tensors(DEVICE), 1.0, 0.0, 0) == []
+    assert kernels.lora_linear_not_supported_reasons(*_tensors(DEVICE), 1.0, 0.0, 0) == []
     with use_backend("triton"), pytest.raises(RuntimeError, match="x has dtype torch.float64"):
         lora_linear(x, w, b, a, bb, 1.0)

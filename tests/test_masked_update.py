@@ -197,7 +197,7 @@ def _threshold_cases() -> dict[str, torch.Tensor]:
 @pytest.mark.requires_triton
 @pytest.mark.parametrize("density", [1e-4, 0.01, 0.37, 0.5, 0.999, 1.0])
 def test_triton_radix_select_finds_the_exact_kth_largest_magnitude(density):
-    from treelora.kernels.masked_update import density_thresholds
+    from treelora.kernels.triton.masked_update import density_thresholds
 
     cases = _threshold_cases()
     for dtype in (torch.float32, torch.bfloat16):
@@ -268,7 +268,7 @@ def test_torch_compile_functionalises_the_in_place_update():
         (dict(params="meta"), ValueError, "params\\[1\\]"),
         (dict(exp_avgs="short"), ValueError, "exp_avgs"),
         (dict(grads="shape"), ValueError, "grads\\[1\\]"),
-        (dict(masks=[torch.tensor([0]), torch.tensor([6])]), IndexError, "masks\\[1\\]"),
+        (dict(masks=[torch.tensor([0]), torch.tensor([6])]), ValueError, "masks\\[1\\]"),
         (dict(masks=[None, torch.ones(2, dtype=torch.bool)]), ValueError, "masks\\[1\\]"),
         (dict(masks=[None, None], density=0.5), ValueError, "either masks or density"),
         (dict(density=0.0), ValueError, "density"),

@@ -1,5 +1,6 @@
-"""The torch launcher of lora_linear (the CPU path of LoRALinear) against lora_linear_ref in float64: awkward M, ranks,
-non-contiguous x, frozen stacks, dropout with the mask regenerated through ``dropout_mask``."""
+"""The torch backend of lora_linear (the CPU path of LoRALinear, treelora/kernels/torch/lora.py) against
+lora_linear_ref in float64: awkward M, ranks, non-contiguous x, frozen stacks, dropout with the mask regenerated
+through ``lora_linear_dropout_mask``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from tests.utils import assert_close_to_ref
 from treelora import use_backend
-from treelora.ops.lora_linear import TORCH_LAUNCHER, lora_linear, lora_linear_ref
+from treelora.kernels.torch import lora as torch_lora
+from treelora.ops.lora_linear import lora_linear, lora_linear_ref
 
 K, N = 40, 24  # K, N not multiples of 16 on purpose
 
@@ -86,10 +88,10 @@ def test_torch_launcher_stacked_adapters_float64():
 def test_torch_launcher_dropout_mask_regenerated_matches_reference(M, frozen_rank):
     p, s = 0.3, 1.5
     x, w, b, A, B, dy = _inputs(M, 4, seed=7)
-    y, saved, state = TORCH_LAUNCHER.forward(x, w, b, A, B, s, p, frozen_rank, True)
-    mask = TORCH_LAUNCHER.dropout_mask(saved, state)
+    y, saved, state = torch_lora.lora_linear_fwd(x, w, b, A, B, s, p, frozen_rank, True)
+    mask = torch_lora.lora_linear_dropout_mask(saved, state)
     assert mask.dtype == torch.bool and mask.shape == x.shape
-    dx, dA, dB = TORCH_LAUNCHER.backward(dy, saved, state, True, True, True)
+    dx, dA, dB = torch_lora.lora_linear_bwd(dy, saved, state, True, True, True)
     ref = _grads(lambda x_, A_, B_: lora_linear_ref(x_, w, b, A_, B_, s, p, mask, frozen_rank), x, A, B, dy)
     assert_close_to_ref("y", y, ref[0])
     assert_close_to_ref("dx", dx, ref[1])
@@ -100,14 +102,14 @@ def test_torch_launcher_dropout_mask_regenerated_matches_reference(M, frozen_ran
 def test_torch_launcher_dropout_keep_rate():
     p = 0.2
     x, w, b, A, B, _ = _inputs(400, 4, seed=9)
-    _, saved, state = TORCH_LAUNCHER.forward(x, w, b, A, B, 1.0, p, 0, True)
-    mask = TORCH_LAUNCHER.dropout_mask(saved, state)
+    _, saved, state = torch_lora.lora_linear_fwd(x, w, b, A, B, 1.0, p, 0, True)
+    mask = torch_lora.lora_linear_dropout_mask(saved, state)
     rate = mask.double().mean().item()
     sd = (p * (1 - p) / mask.numel()) ** 0.5
     print(f"keep rate {rate:.4f}, expected {1 - p}, sd {sd:.4f}")
     assert abs(rate - (1 - p)) < 5 * sd
-    _, saved, state = TORCH_LAUNCHER.forward(x, w, b, A, B, 1.0, 0.0, 0, True)
-    assert TORCH_LAUNCHER.dropout_mask(saved, state) is None
+    _, saved, state = torch_lora.lora_linear_fwd(x, w, b, A, B, 1.0, 0.0, 0, True)
+    assert torch_lora.lora_linear_dropout_mask(saved, state) is None
 
 
 def test_torch_launcher_zero_scaling_is_the_base_linear_bitwise():
@@ -123,7 +125,7 @@ def test_torch_launcher_zero_scaling_is_the_base_linear_bitwise():
 
 def test_torch_launcher_without_grad_saves_nothing():
     x, w, b, A, B, _ = _inputs(20, 3)
-    y, saved, _ = TORCH_LAUNCHER.forward(x, w, b, A, B, 1.0, 0.0, 0, False)
+    y, saved, _ = torch_lora.lora_linear_fwd(x, w, b, A, B, 1.0, 0.0, 0, False)
     assert saved == () and y.shape == (20, N)
     with use_backend("torch"), torch.no_grad():
         assert_close_to_ref("y", lora_linear(x, w, b, A, B, 1.0), lora_linear_ref(x, w, b, A, B, 1.0))

@@ -11,7 +11,8 @@ import torch
 
 from tests.utils import assert_close_to_ref
 from treelora import ops, use_backend
-from treelora.ops.masked_update import topk_count
+from treelora.kernels.constants import topk_count
+from treelora.kernels.torch import lora as torch_lora
 
 # --- lora_linear --------------------------------------------------------------------------------------------------
 
@@ -78,10 +79,8 @@ def test_torch_backend_dropout_mask_is_shared_by_forward_and_backward():
     x, W = torch.randn(M, K, requires_grad=True), torch.randn(N, K)
     A, B = torch.randn(r, K, requires_grad=True), torch.randn(N, r, requires_grad=True)
     with use_backend("torch"):
-        from treelora.ops.lora_linear import TORCH_LAUNCHER
-
-        y2d, saved, state = TORCH_LAUNCHER.forward(x.detach(), W, None, A.detach(), B.detach(), 2.0, p, 0, True)
-        mask = TORCH_LAUNCHER.dropout_mask(saved, state)
+        y2d, saved, state = torch_lora.lora_linear_fwd(x.detach(), W, None, A.detach(), B.detach(), 2.0, p, 0, True)
+        mask = torch_lora.lora_linear_dropout_mask(saved, state)
     assert mask.dtype == torch.bool and mask.shape == (M, K)
     keep_rate = mask.float().mean().item()
     assert abs(keep_rate - (1 - p)) < 0.05, keep_rate  # 2048 Bernoulli(0.5) draws: sd ~ 0.011

@@ -9,19 +9,11 @@ import pytest
 
 from tests.conftest import INTERPRET
 
-TRITON_MODULES = ("treelora.kernels.lora", "treelora.kernels.similarity", "treelora.kernels.masked_update")
-
 
 def _specs():
     if INTERPRET or importlib.util.find_spec("triton") is None:
         return []
-    out = []
-    for name in TRITON_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        module = importlib.import_module(name)
-        out.extend(module.COMPILE_SPECS)
-    return out
+    return importlib.import_module("treelora.kernels.triton.compile_specs").all_specs()
 
 
 @pytest.mark.requires_triton
@@ -30,7 +22,7 @@ def _specs():
 @pytest.mark.parametrize("capability, aligned", [(80, False), (90, True)], ids=["sm_80", "sm_90-aligned"])
 @pytest.mark.parametrize("spec", _specs(), ids=lambda s: s.name)
 def test_kernel_compiles(spec, capability, aligned):
-    from treelora.kernels._triton_utils import compile_for_target
+    from treelora.kernels.triton.compile_specs import compile_for_target
 
     compiled = compile_for_target(spec, capability, aligned=aligned)
     assert compiled.asm.get("cubin"), f"{spec.name}: no cubin produced for sm_{capability}"

@@ -1,67 +1,151 @@
 """Backend registry: every op has up to three implementations, tried in the order ``cuda`` → ``triton`` → ``torch``.
 
-Each implementation is registered with a function that returns the *reasons* it cannot run a given input (an
-empty list means it can). An automatic choice takes the first backend with no reasons and falls back quietly; a
-backend forced with ``TREELORA_BACKEND=...`` or :func:`use_backend` raises :class:`BackendUnavailableError` with
-its reasons instead of falling back, so a user who asked for a kernel never silently gets another one.
+An op family (one file in treelora/ops) registers all of its backends with one call::
+
+    backends.register_family(
+        "similarity",
+        ops=("pairwise_similarity", "accumulate_and_compare_"),
+        torch="treelora.kernels.torch.similarity",
+        triton="treelora.kernels.triton.similarity",
+        cuda="treelora.kernels.cuda.similarity",
+    )
+
+The contract of a backend module, the same in the three kernel languages: for every op ``X`` of the family it defines
+the op's entry points (by default one function named ``X``; an op whose autograd the ops layer drives lists several,
+e.g. ``lora_linear_fwd``, ``lora_linear_bwd`` and ``lora_linear_dropout_mask``) and ``<X without a trailing
+_>_not_supported_reasons``, which takes the op's arguments and returns why the module cannot run them (empty when it
+can): devices, dtypes and limits, one reason per argument, naming it. Input-independent reasons (triton missing, the
+compiled extension not built, no GPU) come from ``environment_reasons()`` of the module's package
+(treelora/kernels/triton/__init__.py, treelora/kernels/cuda/__init__.py), asked first, so that a module is imported
+only when its backend may run: ``import treelora`` never imports triton.
+
+An automatic choice takes the first backend with no reasons and falls back quietly; a backend forced with
+``TREELORA_BACKEND=...`` or :func:`use_backend` raises :class:`BackendUnavailableError` with its reasons instead of
+falling back, so a user who asked for a kernel never silently gets another one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import importlib.util
+import importlib
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 BACKEND_NAMES = ("cuda", "triton", "torch")
 ENV_BACKEND = "TREELORA_BACKEND"
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("treelora_forced_backend", default=None)
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("treelora_backend", default=None)
 
 
 class BackendUnavailableError(RuntimeError):
     """Raised when a backend that was explicitly requested cannot run the given input."""
 
 
-@dataclass(frozen=True)
-class Backend:
-    """One implementation of one op.
+def reasons_name(op: str) -> str:
+    """The name of op ``op``'s reasons function in a backend module (``masked_adamw_`` -> ``masked_adamw_...``)."""
+    return f"{op.rstrip('_')}_not_supported_reasons"
 
-    ``fn`` takes the op's (validated) arguments. ``reasons`` takes the same arguments and returns why this backend
-    cannot run them (empty when it can). ``environment`` returns the input-independent reasons (library missing,
-    no GPU), used by ``python -m treelora info``.
+
+# A backend module: a dotted path (imported on first use) or an object with the entry points (tests pass namespaces).
+ModuleRef = Union[str, Any]
+
+
+class Backend:
+    """One backend of one op: its module's entry points, looked up on first use.
+
+    ``backend.module`` is the backend module, ``backend.fn`` its first entry point for this op, ``backend.<entry>``
+    any entry point; ``reasons(*args, **kwargs)`` says why it cannot run the op's arguments, ``environment()`` the
+    input-independent part (``python -m treelora info``).
     """
 
-    op: str
-    name: str
-    fn: Callable[..., Any]
-    reasons: Callable[..., list[str]]
-    environment: Callable[[], list[str]]
+    def __init__(self, family: str, op: str, name: str, module: ModuleRef, entries: Sequence[str]) -> None:
+        self.family, self.op, self.name, self.entries = family, op, name, tuple(entries)
+        self._module = module
+
+    def __repr__(self) -> str:
+        return f"Backend(op={self.op!r}, name={self.name!r})"
+
+    @property
+    def module(self) -> Any:
+        if isinstance(self._module, str):
+            self._module = importlib.import_module(self._module)
+        return self._module
+
+    def environment(self) -> list[str]:
+        """Reasons that hold whatever the input (from the package of a module given by path; nothing imported)."""
+        if isinstance(self._module, str):
+            package = importlib.import_module(self._module.rpartition(".")[0])
+            check: Callable[[], list[str]] | None = getattr(package, "environment_reasons", None)
+        else:
+            check = getattr(self._module, "environment_reasons", None)
+        return list(check()) if check is not None else []
+
+    def reasons(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.environment() or list(getattr(self.module, reasons_name(self.op))(*args, **kwargs))
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        return getattr(self.module, self.entries[0])
+
+    def __getattr__(self, entry: str) -> Callable[..., Any]:
+        if entry.startswith("_") or entry not in self.__dict__.get("entries", ()):
+            raise AttributeError(f"backend {self.name!r} of {self.op!r} has no entry point {entry!r}")
+        return getattr(self.module, entry)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
+_FAMILIES: dict[str, tuple[str, ...]] = {}
 
 
-def register(
-    op: str,
-    name: str,
-    fn: Callable[..., Any],
-    reasons: Callable[..., list[str]],
-    environment: Callable[[], list[str]] | None = None,
-) -> Backend:
-    """Register ``fn`` as backend ``name`` of ``op`` (replacing an earlier registration of the same pair)."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
-    backend = Backend(op, name, fn, reasons, environment or (lambda: []))
-    _REGISTRY.setdefault(op, {})[name] = backend
-    return backend
+def register_family(
+    family: str, *, ops: Union[Sequence[str], Mapping[str, Sequence[str]]], **modules: ModuleRef | None
+) -> None:
+    """Register the backends of every op of ``family`` (replacing an earlier registration of the family).
+
+    Args:
+        family: the family's name (its file in treelora/ops).
+        ops: the op names, or a mapping op name -> its entry-point names (default: one entry named like the op).
+        **modules: ``torch=``, ``triton=``, ``cuda=``: each backend's module, a dotted path (imported on first use)
+            or an object with the entry points; None or absent when the family has no such backend. ``torch`` is
+            required: it is every op's fallback.
+    """
+    for name in modules:
+        _check_name(name, "backend name")
+    if modules.get("torch") is None:
+        raise ValueError(f"family {family!r}: the torch backend is required (it is the fallback of every op)")
+    table = dict(ops) if isinstance(ops, Mapping) else {op: (op,) for op in ops}
+    if not table:
+        raise ValueError(f"family {family!r}: ops is empty")
+    for op, entries in table.items():
+        if isinstance(entries, str) or not entries:
+            raise ValueError(f"family {family!r}: op {op!r} needs a sequence of entry-point names, got {entries!r}")
+        owner = next((f for f, names in _FAMILIES.items() if op in names and f != family), None)
+        if owner is not None:
+            raise ValueError(f"op {op!r} is already registered by family {owner!r}")
+    unregister_family(family)
+    for op, entries in table.items():
+        _REGISTRY[op] = {
+            name: Backend(family, op, name, modules[name], entries)
+            for name in BACKEND_NAMES
+            if modules.get(name) is not None
+        }
+    _FAMILIES[family] = tuple(table)
+
+
+def unregister_family(family: str) -> None:
+    """Remove a family's ops (tests register toy families)."""
+    for op in _FAMILIES.pop(family, ()):
+        _REGISTRY.pop(op, None)
 
 
 def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def families() -> dict[str, tuple[str, ...]]:
+    """Family name -> its op names."""
+    return dict(_FAMILIES)
 
 
 def backends_for(op: str) -> dict[str, Backend]:
@@ -71,6 +155,8 @@ def backends_for(op: str) -> dict[str, Backend]:
 
 
 def _check_name(name: str, source: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{source} must be a backend name (str), got {type(name).__name__}")
     if name not in BACKEND_NAMES:
         raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {name!r}")
     return name
@@ -81,8 +167,8 @@ def forced_backend() -> str | None:
     name = _forced.get()
     if name is not None:  # set by use_backend; "" means use_backend(None): automatic, ignoring the environment
         return name or None
-    env = os.environ.get(ENV_BACKEND, "").strip()
-    return _check_name(env, ENV_BACKEND) if env else None
+    value = os.environ.get(ENV_BACKEND, "").strip()
+    return _check_name(value, ENV_BACKEND) if value else None
 
 
 @contextlib.contextmanager
@@ -127,51 +213,3 @@ def select(op: str, *args: Any, **kwargs: Any) -> Backend:
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
     """For each registered backend of ``op``, the reasons it cannot run these arguments (empty = it can)."""
     return {name: b.reasons(*args, **kwargs) for name, b in backends_for(op).items()}
-
-
-# --- environment checks shared by the ops -------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpret() -> bool:
-    """True when Triton kernels run in the CPU interpreter (must be set before the kernels are defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_environment() -> list[str]:
-    if not triton_importable():
-        return ["triton is not installed (pip install 'treelora[triton]')"]
-    return []
-
-
-def device_reasons_triton(*tensors: Any) -> list[str]:
-    """Reasons the Triton backend cannot run on these tensors' device(s)."""
-    why = triton_environment()
-    if why:
-        return why
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type == "cuda":
-            continue
-        if t.device.type == "cpu" and triton_interpret():
-            continue
-        return [f"tensor on {t.device} (triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)"]
-    return []
-
-
-def device_reasons_cuda(*tensors: Any) -> list[str]:
-    """Reasons the compiled extension cannot run on these tensors' device(s)."""
-    from treelora import _cpp_lib
-
-    why = _cpp_lib.environment_reasons()
-    if why:
-        return why
-    for t in tensors:
-        if t is not None and t.device.type != "cuda":
-            return [f"tensor on {t.device} (the CUDA extension needs CUDA tensors)"]
-    return []

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+import treelora.ops  # noqa: F401  (registers every op family's backends)
 from treelora import _cpp_lib, backends
 from treelora._version import __version__
 
@@ -52,7 +53,7 @@ def _probe_inputs(device: torch.device) -> dict[str, tuple[tuple, dict]]:
     return {
         "lora_linear": ((x, w, None, a, b, 1.0, 0.0, 0), {}),
         "pairwise_similarity": ((q, bank, "l1", index, None), {}),
-        "accumulate_and_compare": ((q, q, 1.0, bank, index, "l1", None), {}),
+        "accumulate_and_compare_": ((q, q, 1.0, bank, index, "l1", None), {}),
         "masked_adamw_": (
             (p, p, p, p, 1),
             dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, masks=None, density=None),
@@ -62,8 +63,6 @@ def _probe_inputs(device: torch.device) -> dict[str, tuple[tuple, dict]]:
 
 
 def collect() -> dict[str, Any]:
-    import treelora.ops  # noqa: F401  (registers the backends)
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probes = _probe_inputs(device)
     ops: dict[str, Any] = {}

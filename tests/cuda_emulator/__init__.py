@@ -3,7 +3,7 @@
 Lane: ``TREELORA_CUDA_EMULATOR=1 python -m pytest -m cuda_emulated -q``. The first run builds the emulated module
 with g++ (about 20 s on 2 cores; cached under build/cuda-emulator/, keyed by a hash of csrc/ and of this
 package, so later runs load it at once); tests/test_cuda_emulated.py then runs the CUDA tests' checks on CPU tensors
-through the real launchers (treelora/kernels/cuda_*.py) and the real ops. Without the variable those tests skip.
+through the real launchers (treelora/kernels/cuda/*.py) and the real ops. Without the variable those tests skip.
 
 How it works
   * build.py rewrites csrc/ (launches into calls of the emulator, ``__shared__`` declarations into poisoned statics,

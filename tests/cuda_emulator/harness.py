@@ -1,12 +1,12 @@
 """Routes treelora's ``cuda`` backend to the emulated module for CPU tensors, inside a ``with`` block only.
 
-Inside :func:`emulated_cuda` the real ops and the real launchers (treelora/kernels/cuda_*.py) run unchanged; only
+Inside :func:`emulated_cuda` the real ops and the real launchers (treelora/kernels/cuda/*.py) run unchanged; only
 their view of the machine is replaced: ``treelora._cpp_lib`` reports the emulated module as the extension and a usable
-device, the backends accept CPU tensors (and refuse CUDA ones), the stream handle is 0, the device guard does nothing,
-and the SM count is the emulator's. ``torch.empty`` inside the launchers returns memory filled with 0xff bytes (NaN
-as a float), as the caching allocator hands out another tensor's leftovers on a GPU: a kernel that reads a
-workspace or output element it did not write gives a visibly wrong result. Everything is restored on exit, so tests
-outside the block see the real extension (or its absence).
+device, the cuda backend accepts CPU tensors (and refuses CUDA ones), the stream handle is 0 and the SM count is the
+emulator's (the device guard already does nothing for CPU tensors). ``torch.empty`` inside the launchers returns
+memory filled with 0xff bytes (NaN as a float), as the caching allocator hands out another tensor's leftovers on a
+GPU: a kernel that reads a workspace or output element it did not write gives a visibly wrong result. Everything is
+restored on exit, so tests outside the block see the real extension (or its absence).
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from typing import Any, Iterator
 
 import torch
 
-from treelora import _cpp_lib, backends
-from treelora.kernels import cuda_common, cuda_lora, cuda_masked_update, cuda_similarity
+from treelora import _cpp_lib
+from treelora.kernels import env
+from treelora.kernels.cuda import common as cuda_common
+from treelora.kernels.cuda import lora as cuda_lora
+from treelora.kernels.cuda import masked_update as cuda_masked_update
+from treelora.kernels.cuda import similarity as cuda_similarity
 
 _LAUNCHER_MODULES = (cuda_similarity, cuda_masked_update, cuda_lora)
 
@@ -39,10 +43,13 @@ class _PoisoningTorch:
         return out
 
 
-def _cpu_tensors_only(*tensors: Any) -> list[str]:
-    for t in tensors:
-        if t is not None and t.device.type != "cpu":
-            return [f"tensor on {t.device} (the CUDA emulator runs the kernels on CPU tensors)"]
+def _cpu_tensors_only(named: env.Named) -> list[str]:
+    """The device check of :func:`treelora.kernels.env.cuda_device_reasons`, for the emulator's CPU tensors."""
+    for name, value in named:
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                return [f"{name} is on {t.device}; the CUDA emulator runs the kernels on CPU tensors"]
     return []
 
 
@@ -60,9 +67,8 @@ def emulated_cuda(module: ModuleType, *, sm_count: int = 1, reverse_order: bool 
         (_cpp_lib, "module", module),
         (_cpp_lib, "import_error", ""),
         (_cpp_lib, "device_error", lambda: ""),
-        (backends, "device_reasons_cuda", _cpu_tensors_only),
+        (env, "cuda_device_reasons", _cpu_tensors_only),
         (cuda_common, "stream_handle", lambda device: 0),
-        (cuda_common, "device_guard", lambda device: contextlib.nullcontext()),
         (cuda_common, "num_sms", lambda device: sm_count),
         *((launcher, "torch", _PoisoningTorch()) for launcher in _LAUNCHER_MODULES),
     ]

@@ -1,5 +1,9 @@
 """Argument checks shared by the public ops. Every message names the offending argument, its value and what was
-expected, so a user can fix the call without reading treelora's source."""
+expected, so a user can fix the call without reading treelora's source.
+
+The error types follow one rule in every op and backend: ``TypeError`` when an argument has the wrong Python type or
+an unsupported dtype, ``ValueError`` when its shape, value, range or device is wrong.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-# What the Triton and CUDA kernels take; float64 inputs run on the torch backend.
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+from treelora.kernels.constants import FLOAT_DTYPES, dtype_message
 
 
 def check_tensor(
@@ -29,7 +31,7 @@ def check_tensor(
             want = " or ".join(str(n) for n in allowed)
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+        raise TypeError(dtype_message(name, t.dtype, dtypes))
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
     return t
@@ -71,6 +73,15 @@ def check_finite_number(
     if high is not None and (v > high or (high_open and v == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
     return v
+
+
+def check_int(name: str, value: Any, *, low: int, high: int) -> int:
+    """An int in [low, high] (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    return value
 
 
 def check_nonempty_list(name: str, items: Any) -> list:

@@ -5,26 +5,53 @@ Shapes: x (..., K); weight W (N, K) frozen; bias b (N,) or None, frozen; lora_A 
 f rows of lora_A and the first f columns of lora_B form a stack of frozen adapters: they take part in the output and
 in dx, but their gradients are zero (O-LoRA style: A_all = [A_frozen; A_new], B_all = [B_frozen, B_new]).
 
-Every backend implements the same *launcher* interface (:class:`LoRALauncher`) and shares one autograd Function
-(:class:`LoRALinearFunction`); only the launchers differ. The torch launcher here is the CPU fallback: it folds the
-scale into the r-wide intermediate, accumulates ``u Bᵀ`` into the base output and ``du A`` into dx with in-place
-``addmm_`` (no extra full-size passes), and saves a 1-byte dropout mask instead of the dropped activations.
+Backends (treelora/kernels/{torch,triton,cuda}/lora.py) share one autograd Function (:class:`LoRALinearFunction`) and
+provide ``lora_linear_fwd``, ``lora_linear_bwd`` and ``lora_linear_dropout_mask`` (the contract is written in
+treelora/kernels/torch/lora.py). Before any backend runs, this module handles, for every backend alike:
+
+* ``torch.autocast``: inside an autocast region the op computes what PEFT's LoRA layer computes there (its base
+  ``nn.Linear`` and the two adapter linears all run in the autocast dtype): x, W, b, A and B are cast to the autocast
+  dtype (float64 tensors excepted, as autocast does) and the op runs with autocast off, so the output has the
+  autocast dtype and no matmul inside is cast again; with or without grad (:func:`lora_linear`).
+* a 0-dim tensor ``scaling`` (PEFT's ``prepare_model_for_compiled_hotswap`` makes one): it is folded into lora_B
+  (``B' = s·B``, an ordinary differentiable product, so x, A, B and s get exact gradients) and the backends run with
+  scale 1.0; no host synchronisation (the value is never read on the host). Cost: one (N, r) multiply in the forward,
+  one more for dB in the backward (and an (N, r) product-sum for ds when s requires grad), 65K elements at N = 4096,
+  r = 16 next to the 2·M·N·K = 1.4e11 FLOPs of the base GEMMs at M = K = 4096, plus the (N, r) product kept for the
+  backward (256 KB in fp32). When s requires grad and a frozen stack is present, the stack is frozen by detaching
+  (two (r, K) + (N, r) copies) and the backend also computes the stack's (discarded) gradient slices, f/r more
+  adapter-gradient work, because ds needs the stack's share. Passing s to the kernels as a tensor instead would
+  change the signatures of three kernel languages and their compile specs; folding it into the r-wide intermediate
+  u would have to happen inside every backend. Python-number scalings take the unfolded path.
+* routing (:func:`launch_forward`): empty inputs (M, N or K = 0: nothing to launch) and a Python scale of exactly 0
+  (a disabled adapter: y is bitwise the base op ``F.linear`` in x's dtype) run on the torch backend whatever backend
+  was chosen; the kernel backends never see them.
+* a trainable W or b: the reference path (the fused op has no weight gradient), warned once.
 """
 
 from __future__ import annotations
 
-import abc
-import importlib
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from treelora import backends
-from treelora.ops._validation import FLOAT_DTYPES, KERNEL_DTYPES, check_finite_number, check_same_device, check_tensor
+from treelora.kernels.constants import FLOAT_DTYPES, dtype_message
+from treelora.kernels.torch import lora as torch_lora
+from treelora.ops._validation import check_finite_number, check_int, check_same_device, check_tensor
 
 OP = "lora_linear"
+
+backends.register_family(
+    "lora_linear",
+    ops={OP: ("lora_linear_fwd", "lora_linear_bwd", "lora_linear_dropout_mask")},
+    torch=torch_lora,
+    triton="treelora.kernels.triton.lora",
+    cuda="treelora.kernels.cuda.lora",
+)
 
 
 # --- reference ----------------------------------------------------------------------------------------------------
@@ -36,7 +63,7 @@ def lora_linear_ref(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     frozen_rank: int = 0,
@@ -45,7 +72,7 @@ def lora_linear_ref(
     """Plain-autograd reference. ``dropout_mask`` (bool, x's shape) gives the kept entries when dropout is on.
 
     Computes in x's dtype (the adapters and weight are cast to it), or in fp32 when ``upcast`` (fp64 inputs stay
-    fp64): call it with fp64 tensors for the oracle of the tests.
+    fp64): call it with fp64 tensors for the oracle of the tests. ``scaling`` may be a 0-dim tensor.
     """
     out_dtype = x.dtype
     compute = x.dtype
@@ -62,48 +89,85 @@ def lora_linear_ref(
     return y.to(out_dtype)
 
 
-# --- launcher interface and the shared autograd Function ----------------------------------------------------------
+# --- launching a backend ------------------------------------------------------------------------------------------
 
 
-class LoRALauncher(abc.ABC):
-    """What a backend provides. All tensors are validated; x2d is (M, K) and may be non-contiguous.
+@dataclass(frozen=True)
+class Launch:
+    """Which backend module ran a forward (after routing) and its non-tensor state, for the backward."""
 
-    ``forward`` returns ``(y2d, saved, state)``: the (M, N) output in x's dtype, the tensors backward needs (saved
-    through ``ctx.save_for_backward``; None entries allowed) and any non-tensor state (dropout seed/offset, ...).
-    ``backward`` returns ``(dx2d, dA, dB)`` where dA is (r - frozen_rank, K) and dB is (N, r - frozen_rank): the
-    trainable slices only (the Function pads the frozen part with zeros); any of them may be None when not needed.
-    ``dropout_mask(saved, state)`` regenerates the boolean keep-mask of a forward (for tests), or None without
-    dropout.
+    impl: Any
+    state: Any
+
+
+def _routed(impl: Any, x2d: torch.Tensor, weight: torch.Tensor, scaling: float) -> Any:
+    """The backend module that runs: the torch backend for empty inputs and a scale of exactly 0."""
+    if scaling == 0.0 or x2d.shape[0] == 0 or x2d.shape[1] == 0 or weight.shape[0] == 0:
+        return torch_lora
+    return impl
+
+
+def launch_forward(
+    impl: Any,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    frozen_rank: int,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, tuple, Launch]:
+    """``impl.lora_linear_fwd`` on validated 2-D inputs, or the torch backend's for the inputs routed to it.
+
+    Args:
+        impl: a backend module (``backends.select(...).module``).
+        x2d: (M, K), possibly non-contiguous; weight (N, K); bias (N,) or None; lora_A (r, K); lora_B (N, r).
+        scaling: a Python number (a tensor scale is folded into lora_B before, by :func:`lora_linear`).
+        dropout_p, frozen_rank: as for :func:`lora_linear` (p already 0 outside training).
+        needs_grad: whether a backward will follow (else nothing is saved).
+
+    Returns:
+        y2d (M, N) in x's dtype, the tensors to save for backward, and the :class:`Launch` for the backward.
     """
+    impl = _routed(impl, x2d, weight, scaling)
+    y2d, saved, state = impl.lora_linear_fwd(
+        x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
+    )
+    return y2d, saved, Launch(impl, state)
 
-    name = "abstract"
 
-    @abc.abstractmethod
-    def forward(self, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad): ...
+def launch_backward(
+    dy2d: torch.Tensor, saved: tuple, launch: Launch, needs_dx: bool, needs_dA: bool, needs_dB: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of a :func:`launch_forward`: dx (M, K), dA (r - f, K) and dB (N, r - f) (trainable slices)."""
+    return launch.impl.lora_linear_bwd(dy2d, saved, launch.state, needs_dx, needs_dA, needs_dB)
 
-    @abc.abstractmethod
-    def backward(self, dy2d, saved, state, needs_dx, needs_dA, needs_dB): ...
 
-    @abc.abstractmethod
-    def dropout_mask(self, saved, state) -> torch.Tensor | None: ...
+def launch_dropout_mask(saved: tuple, launch: Launch) -> torch.Tensor | None:
+    """The (M, K) bool keep-mask of a :func:`launch_forward` (for tests); None without dropout."""
+    return launch.impl.lora_linear_dropout_mask(saved, launch.state)
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd glue shared by every backend: reshape to 2-D, call the launcher, pad frozen gradients."""
+    """Autograd glue shared by every backend: reshape to 2-D, launch, pad the frozen slices' gradients with zeros.
+
+    ``apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, impl)`` with ``impl`` a backend module.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, launcher):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, impl):
         x2d = x.reshape(-1, x.shape[-1])
         needs = ctx.needs_input_grad
         needs_grad = needs[0] or needs[3] or needs[4]
-        # Launchers choose their compute dtypes explicitly; an enclosing autocast must not re-cast their matmuls.
+        # Backends choose their compute dtypes explicitly; an enclosing autocast must not re-cast their matmuls.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y2d, saved, state = launcher.forward(
-                x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
+            y2d, saved, launch = launch_forward(
+                impl, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
             )
         ctx.save_for_backward(*saved)
-        ctx.state = state
-        ctx.launcher = launcher
+        ctx.launch = launch
         ctx.meta = (x.shape, lora_A.shape, lora_B.shape, lora_A.dtype, lora_B.dtype, frozen_rank)
         return y2d.view(*x.shape[:-1], y2d.shape[-1])
 
@@ -113,7 +177,7 @@ class LoRALinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy2d = dy.reshape(-1, dy.shape[-1])
         with torch.autocast(device_type=dy.device.type, enabled=False):  # backward may run inside autocast too
-            dx, dA, dB = ctx.launcher.backward(dy2d, ctx.saved_tensors, ctx.state, needs[0], needs[3], needs[4])
+            dx, dA, dB = launch_backward(dy2d, ctx.saved_tensors, ctx.launch, needs[0], needs[3], needs[4])
         if frozen_rank and dA is not None:
             full = torch.zeros(a_shape, dtype=a_dtype, device=dA.device)
             full[frozen_rank:] = dA
@@ -127,198 +191,20 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None
 
 
-class TorchLoRALauncher(LoRALauncher):
-    """Pure-PyTorch launcher (any device). On CPU, fp16/bf16 inputs are computed in fp32: CPU low-precision matmuls
-    are about 100x slower than fp32 on the machines we test on.
-
-    Forward: ``y = addmm(b, x, Wᵀ)``, ``u = s · drop(x) Aᵀ`` (M, r), ``y += u Bᵀ`` in place. Backward:
-    ``du = s · dy B`` (M, r) shared by dx and dA, ``dx = dy W`` with ``du A`` accumulated in place,
-    ``dA = duᵀ drop(x)``, ``dB = dyᵀ u`` (du and dB computed transposed, see backward). Beyond the two base GEMMs
-    each step reads or writes one operand once; PEFT's layer adds four full (M, N) elementwise passes (scale, add,
-    and their backward), which is where the CPU speed-up comes from (bench/bench_lora.py). Saved for backward: x
-    (the input itself, no copy), the weights, u (M, r) and, with dropout, a 1-byte keep-mask: dropped activations
-    are recomputed, not stored.
-
-    Folding the adapter into the weight (``W + s·B A``, one GEMM each way) was measured too and was not faster on
-    CPU at the benchmark shapes (2 threads, side by side, machine load ~5: 0.81x vs 0.75x and 0.97x vs 0.84x PEFT's
-    time), so it is not used.
-    """
-
-    name = "torch"
-
-    @staticmethod
-    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return x.dtype
-
-    def forward(self, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad):
-        cdt = self._compute_dtype(x2d)
-        xc = x2d.to(cdt)  # no copy when x is already in the compute dtype
-        w = weight.to(cdt)
-        y = torch.addmm(bias.to(cdt), xc, w.t()) if bias is not None else torch.mm(xc, w.t())
-        mask = None
-        u = None
-        if scaling != 0.0:
-            a, b = lora_A.to(cdt), lora_B.to(cdt)
-            if dropout_p > 0.0:
-                # a bool tensor straight from bernoulli_: half the time of drawing floats and comparing (CPU, 1.5M
-                # entries: 9.7 ms vs 19 ms)
-                mask = torch.empty(xc.shape, dtype=torch.bool, device=xc.device).bernoulli_(1.0 - dropout_p)
-                u = torch.mm(xc * mask, a.t()).mul_(scaling / (1.0 - dropout_p))
-            else:
-                u = torch.mm(xc, a.t()).mul_(scaling)  # the scale costs M·r here instead of M·N after the expand
-            y.addmm_(u, b.t())  # expand accumulated into the base output: no (M, N) temporary, no extra pass
-        saved = (x2d, weight, lora_A, lora_B, u, mask) if needs_grad else ()
-        return y.to(x2d.dtype), saved, (scaling, dropout_p, frozen_rank)
-
-    def backward(self, dy2d, saved, state, needs_dx, needs_dA, needs_dB):
-        x2d, weight, lora_A, lora_B, u, mask = saved
-        scaling, dropout_p, frozen_rank = state
-        cdt = self._compute_dtype(dy2d)
-        dyc = dy2d.to(cdt)
-        dx = dA = dB = None
-        if scaling == 0.0:
-            if needs_dx:
-                dx = torch.mm(dyc, weight.to(cdt)).to(x2d.dtype)
-            r_t = lora_A.shape[0] - frozen_rank
-            if needs_dA:
-                dA = torch.zeros(r_t, lora_A.shape[1], dtype=lora_A.dtype, device=lora_A.device)
-            if needs_dB:
-                dB = torch.zeros(lora_B.shape[0], r_t, dtype=lora_B.dtype, device=lora_B.device)
-            return dx, dA, dB
-        # MKL's skinny GEMMs are much faster with the r-wide operand on the left: duᵀ = Bᵀ dyᵀ (r, M) and
-        # dBᵀ = uᵀ dy (r, N) take 0.57 ms and 0.43 ms where du = dy B and dB = dyᵀ u take 1.8 ms and 2.7 ms
-        # (M=4096, K=N=384, r=8, fp32, 1 thread).
-        if needs_dx or needs_dA:
-            # s · duᵀ, with the inverted-dropout factor folded in (r·M multiplies instead of M·K)
-            factor = scaling if mask is None else scaling / (1.0 - dropout_p)
-            du_t = torch.mm(lora_B.to(cdt).t(), dyc.t()).mul_(factor)
-        if needs_dx:
-            dx = torch.mm(dyc, weight.to(cdt))
-            if mask is None:
-                dx.addmm_(du_t.t(), lora_A.to(cdt))  # dx = dy W + du A as one accumulation
-            else:
-                dx.addcmul_(torch.mm(du_t.t(), lora_A.to(cdt)), mask)  # the forward's mask, applied once
-            dx = dx.to(x2d.dtype)
-        if needs_dA:
-            xc = x2d.to(cdt)
-            dA = torch.mm(du_t[frozen_rank:], xc if mask is None else xc * mask).to(lora_A.dtype)
-        if needs_dB:
-            # u already carries s (and 1/(1-p)); dB is returned as the (N, r) transpose of the (r, N) product
-            dB = torch.mm(u[:, frozen_rank:].t(), dyc).t().to(lora_B.dtype)
-        return dx, dA, dB
-
-    def dropout_mask(self, saved, state):
-        return saved[5] if saved else None
-
-
-TORCH_LAUNCHER = TorchLoRALauncher()
-
-
-class _LazyLauncher(LoRALauncher):
-    """Imports a kernel module only when its backend first runs, so ``import treelora`` never imports triton."""
-
-    def __init__(self, name: str, module: str, attribute: str) -> None:
-        self.name = name
-        self._module, self._attribute = module, attribute
-        self._target: LoRALauncher | None = None
-
-    def _resolve(self) -> LoRALauncher:
-        if self._target is None:
-            self._target = getattr(importlib.import_module(self._module), self._attribute)
-        return self._target
-
-    def forward(self, *args):
-        return self._resolve().forward(*args)
-
-    def backward(self, *args):
-        return self._resolve().backward(*args)
-
-    def dropout_mask(self, saved, state):
-        return self._resolve().dropout_mask(saved, state)
-
-
-def _torch_reasons(*args: Any) -> list[str]:
-    return []
-
-
-backends.register(OP, "torch", TORCH_LAUNCHER, _torch_reasons)
-
-
-# --- reasons shared by the kernel backends ------------------------------------------------------------------------
-
-
-def kernel_input_reasons(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    kernels: str,
-    device_reason: Callable[[torch.device], str | None] = lambda device: None,
-) -> list[str]:
-    """Why the ``kernels`` (e.g. ``"CUDA kernels"``) cannot take these inputs' dtypes (they take fp32, fp16 and bf16)
-    or devices (``device_reason(device)`` says why a device is unusable, or None), one reason per input, naming it.
-
-    Args:
-        x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for :func:`lora_linear`.
-    """
-    why = []
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is None:
-            continue
-        if t.dtype not in KERNEL_DTYPES:
-            why.append(f"{name} has dtype {t.dtype}; the {kernels} take float32, float16 or bfloat16")
-        device_problem = device_reason(t.device)
-        if device_problem:
-            why.append(f"{name} {device_problem}")
-    return why
-
-
-# --- triton backend: treelora/kernels/lora.py ---------------------------------------------------------------------
-
-
-def _triton_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank) -> list[str]:
-    why = backends.device_reasons_triton(x, weight, bias, lora_A, lora_B)
-    if why:
-        return why
-    from treelora.kernels import lora as triton_lora
-
-    return triton_lora.not_supported_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank)
-
-
-backends.register(
-    OP,
-    "triton",
-    _LazyLauncher("triton", "treelora.kernels.lora", "TRITON_LAUNCHER"),
-    _triton_reasons,
-    environment=backends.triton_environment,
-)
-
-
-# --- cuda backend: csrc/lora.cu through treelora/kernels/cuda_lora.py -----------------------------------------------
-
-
-def _cuda_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank) -> list[str]:
-    why = backends.device_reasons_cuda(x, weight, bias, lora_A, lora_B)
-    if why:
-        return why
-    from treelora.kernels import cuda_lora
-
-    return cuda_lora.not_supported_reasons(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank)
-
-
-backends.register(
-    OP,
-    "cuda",
-    _LazyLauncher("cuda", "treelora.kernels.cuda_lora", "CUDA_LAUNCHER"),
-    _cuda_reasons,
-    environment=lambda: backends.device_reasons_cuda(),
-)
-
-
 # --- validation and the public op ---------------------------------------------------------------------------------
+
+
+def _check_scaling(scaling: Any, device: torch.device) -> float | torch.Tensor:
+    """A finite Python number, or a 0-dim float tensor on x's device or the CPU (its value is never read)."""
+    if not isinstance(scaling, torch.Tensor):
+        return check_finite_number("scaling", scaling)
+    if scaling.dtype not in FLOAT_DTYPES:
+        raise TypeError(dtype_message("scaling", scaling.dtype, FLOAT_DTYPES))
+    if scaling.dim() != 0:
+        raise ValueError(f"scaling must be a Python number or a 0-dim tensor, got shape {tuple(scaling.shape)}")
+    if scaling.device.type != "cpu" and scaling.device != device:
+        raise ValueError(f"scaling is on {scaling.device} but x is on {device} (a CPU tensor is also accepted)")
+    return scaling
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank):
@@ -342,12 +228,18 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank):
         raise ValueError(f"lora_A must be (r, in) = (r, {K}), got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (out, r) = ({N}, {r}) to match weight and lora_A, got {tuple(lora_B.shape)}")
-    scaling = check_finite_number("scaling", scaling)
+    scaling = _check_scaling(scaling, x.device)
     dropout_p = check_finite_number("dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
-    if isinstance(frozen_rank, bool) or not isinstance(frozen_rank, int) or not 0 <= frozen_rank <= r:
-        raise ValueError(f"frozen_rank must be an int in [0, r={r}], got {frozen_rank!r}")
+    check_int("frozen_rank", frozen_rank, low=0, high=r)
     check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
     return scaling, dropout_p
+
+
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as autocast hands it to a linear op: floating tensors other than float64 cast to ``dtype``."""
+    if t is None or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 _warned_trainable_weight = False
@@ -359,7 +251,7 @@ def lora_linear(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     dropout_p: float = 0.0,
     training: bool = False,
     frozen_rank: int = 0,
@@ -371,27 +263,48 @@ def lora_linear(
         weight: (N, K) frozen base weight. If it requires grad, the reference path runs instead (warned once).
         bias: (N,) frozen base bias, or None.
         lora_A: (r, K), lora_B: (N, r), r >= 1; their dtype may differ from x's (computed in x's dtype).
-        scaling: s = lora_alpha / r (or / sqrt(r) for rsLoRA).
+        scaling: s = lora_alpha / r (or / sqrt(r) for rsLoRA): a Python number, or a 0-dim float tensor on x's
+            device or the CPU (never read on the host; it receives a gradient when it requires one).
         dropout_p: inverted-dropout probability in [0, 1), applied to the adapter input only when ``training``.
         training: whether dropout is active.
         frozen_rank: leading rows of lora_A / columns of lora_B that are frozen (zero gradient).
 
     Returns:
-        (..., N) in x's dtype.
+        (..., N) in x's dtype, or in the autocast dtype inside an autocast region.
     """
-    global _warned_trainable_weight
     scaling, dropout_p = _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank)
     p = dropout_p if training else 0.0
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank)
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight, bias, lora_A, lora_B = (_autocast(t, dtype) for t in (x, weight, bias, lora_A, lora_B))
+    with torch.autocast(device_type, enabled=False):
+        return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank):
+    """The op on validated inputs, outside autocast, with the effective dropout probability ``p``."""
+    global _warned_trainable_weight
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         if not _warned_trainable_weight:
-            warnings.warn("lora_linear: weight or bias requires grad; using the unfused reference path", stacklevel=2)
+            warnings.warn("lora_linear: weight or bias requires grad; using the unfused reference path", stacklevel=3)
             _warned_trainable_weight = True
         mask = torch.empty_like(x).bernoulli_(1.0 - p).bool() if p > 0 else None
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, p, mask, frozen_rank)
-    launcher = backends.select(OP, x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank).fn
+    if isinstance(scaling, torch.Tensor):
+        if frozen_rank and scaling.requires_grad:
+            # ds sums over every adapter, frozen ones included, but the Function zeroes the frozen slices' gradients:
+            # freeze them by detaching instead (as the reference does), so that s sees their share.
+            lora_A = torch.cat([lora_A[:frozen_rank].detach(), lora_A[frozen_rank:]])
+            lora_B = torch.cat([lora_B[:, :frozen_rank].detach(), lora_B[:, frozen_rank:]], dim=1)
+            frozen_rank = 0
+        lora_B = lora_B * scaling  # the fold described in the module docstring; dtype stays lora_B's
+        scaling = 1.0
+    impl = backends.select(OP, x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank).module
     track = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
     if not track:
         x2d = x.reshape(-1, x.shape[-1])
-        y2d, _, _ = launcher.forward(x2d, weight, bias, lora_A, lora_B, scaling, p, frozen_rank, False)
+        y2d, _, _ = launch_forward(impl, x2d, weight, bias, lora_A, lora_B, scaling, p, frozen_rank, False)
         return y2d.view(*x.shape[:-1], y2d.shape[-1])
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank, launcher)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, frozen_rank, impl)

@@ -14,230 +14,56 @@ Selections, one per tensor (``masks``) or one rule for all (``density``):
 Bias correction uses the caller's per-call ``step`` for every tensor (a per-tensor step count, not per entry): an
 entry first selected at step 100 is corrected as if it had been updated 100 times, as in a dense optimizer that
 happens to see zero gradients.
+
+The backends live in treelora/kernels/{torch,triton,cuda}/masked_update.py. The torch backend (a dense update per
+tensor written back with ``torch.where``) is also this family's reference: run on float64 copies it is the oracle of
+the kernels, exported here as ``masked_adamw_ref_`` / ``masked_sgd_ref_``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
 
 from treelora import backends
-from treelora.ops._validation import (
-    FLOAT_DTYPES,
-    KERNEL_DTYPES,
-    check_finite_number,
-    check_nonempty_list,
-    check_tensor,
-)
+from treelora.kernels.constants import FLOAT_DTYPES, topk_count
+from treelora.kernels.torch import masked_update as torch_masked_update
+from treelora.ops._validation import check_finite_number, check_nonempty_list, check_tensor
 
 OP_ADAMW = "masked_adamw_"
 OP_SGD = "masked_sgd_"
-MASK_DTYPES = (torch.bool, torch.uint8)
+MASK_DTYPES = torch_masked_update.MASK_DTYPES
 
-
-# --- selections ---------------------------------------------------------------------------------------------------
-
-
-def topk_count(numel: int, density: float) -> int:
-    """Number of entries a density selects in a tensor of ``numel`` entries: ceil(ρ·n), computed robustly."""
-    return min(numel, math.ceil(density * numel - 1e-9)) if numel else 0
-
-
-def density_threshold_ref(grad: torch.Tensor, density: float) -> torch.Tensor:
-    """The k-th largest |grad| (a 0-d tensor; +inf for an empty tensor) with k = :func:`topk_count`."""
-    flat = grad.detach().reshape(-1).abs()
-    k = topk_count(flat.numel(), density)
-    if k == 0:
-        return torch.full((), math.inf, dtype=flat.dtype, device=flat.device)
-    return torch.kthvalue(flat.float(), flat.numel() - k + 1).values.to(flat.dtype)
-
-
-def selection_mask(param: torch.Tensor, grad: torch.Tensor, mask, density: float | None) -> torch.Tensor:
-    """The boolean selection (param's shape) that ``mask`` or ``density`` denotes for one tensor."""
-    if density is not None:
-        return grad.abs() >= density_threshold_ref(grad, density)
-    if mask is None:
-        return torch.ones_like(param, dtype=torch.bool)
-    if mask.dtype in MASK_DTYPES:
-        return mask.bool()
-    sel = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
-    sel[mask.long()] = True
-    return sel.view_as(param)
-
-
-# --- references ---------------------------------------------------------------------------------------------------
-
-
-def masked_adamw_ref_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    step,
-    *,
-    lr,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    masks=None,
-    density=None,
-) -> None:
-    """Reference (and torch backend): per tensor, compute the dense AdamW update in fp32 (fp64 for fp64 params)
-    and write it back only where selected (``torch.where`` keeps the exact old bits elsewhere)."""
-    beta1, beta2 = betas
-    step_f = step.to(torch.float64) if isinstance(step, torch.Tensor) else float(step)
-    bc1 = 1 - beta1**step_f
-    bc2 = 1 - beta2**step_f
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        sel = selection_mask(p, g, None if masks is None else masks[i], density)
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        p32, g32, m32, v32 = p.to(acc), g.to(acc), m.to(acc), v.to(acc)
-        m_new = beta1 * m32 + (1 - beta1) * g32
-        v_new = beta2 * v32 + (1 - beta2) * g32 * g32
-        denom = (v_new / bc2).sqrt() + eps
-        p_new = p32 * (1 - lr * weight_decay) - lr * (m_new / bc1) / denom
-        m.copy_(torch.where(sel, m_new.to(m.dtype), m))
-        v.copy_(torch.where(sel, v_new.to(v.dtype), v))
-        p.copy_(torch.where(sel, p_new.to(p.dtype), p))
-
-
-def masked_sgd_ref_(
-    params, grads, momentum_buffers, *, lr, momentum=0.0, weight_decay=0.0, masks=None, density=None
-) -> None:
-    """Reference (and torch backend) SGD with torch.optim.SGD's semantics (coupled weight decay g + wd·p,
-    buf = momentum·buf + g, no dampening, no Nesterov) on the selected entries only. With momentum = 0 the buffers
-    are not used (they may be None)."""
-    for i, p in enumerate(params):
-        g = grads[i]
-        sel = selection_mask(p, g, None if masks is None else masks[i], density)
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        p32 = p.to(acc)
-        d = g.to(acc) + weight_decay * p32
-        if momentum != 0.0:
-            buf = momentum_buffers[i]
-            d = momentum * buf.to(acc) + d
-            buf.copy_(torch.where(sel, d.to(buf.dtype), buf))
-        p.copy_(torch.where(sel, (p32 - lr * d).to(p.dtype), p))
-
-
-backends.register(OP_ADAMW, "torch", masked_adamw_ref_, lambda *a, **k: [])
-backends.register(OP_SGD, "torch", masked_sgd_ref_, lambda *a, **k: [])
-
-
-# --- triton backend: treelora/kernels/masked_update.py ------------------------------------------------------------
-
-
-def _triton_adamw_reasons(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> list[str]:
-    why = backends.device_reasons_triton(params[0])  # validation put every tensor on params[0]'s device
-    if why:
-        return why
-    from treelora.kernels import masked_update as triton_masked_update
-
-    return triton_masked_update.not_supported_reasons(
-        params, grads, [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
-    )
-
-
-def _triton_adamw(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> None:
-    from treelora.kernels import masked_update as triton_masked_update
-
-    triton_masked_update.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs)
-
-
-def _triton_sgd_reasons(params, grads, momentum_buffers, **kwargs) -> list[str]:
-    why = backends.device_reasons_triton(params[0])
-    if why:
-        return why
-    from treelora.kernels import masked_update as triton_masked_update
-
-    states = [("momentum_buffers", momentum_buffers)] if kwargs.get("momentum", 0.0) != 0.0 else []
-    return triton_masked_update.not_supported_reasons(params, grads, states)
-
-
-def _triton_sgd(params, grads, momentum_buffers, **kwargs) -> None:
-    from treelora.kernels import masked_update as triton_masked_update
-
-    triton_masked_update.masked_sgd_(params, grads, momentum_buffers, **kwargs)
-
-
-backends.register(OP_ADAMW, "triton", _triton_adamw, _triton_adamw_reasons, environment=backends.triton_environment)
-backends.register(OP_SGD, "triton", _triton_sgd, _triton_sgd_reasons, environment=backends.triton_environment)
-
-
-# --- cuda backend: csrc/masked_update.cu through treelora/kernels/cuda_masked_update.py ---------------------------
-
-
-def _cuda_reasons(params, grads, states: list, masks) -> list[str]:
-    why = backends.device_reasons_cuda(params[0])  # validation put every tensor on params[0]'s device
-    if why:
-        return why
-    for name, group in [("params", params), ("grads", grads), *states]:
-        bad = sorted({str(t.dtype) for t in group if t is not None and t.dtype not in KERNEL_DTYPES})
-        if bad:
-            why.append(
-                f"{name} hold {', '.join(bad)}: the CUDA kernel takes fp32, fp16 and bf16 (float64 runs on the "
-                "torch backend)"
-            )
-    for name, group in states:
-        if any(t is not None and not t.is_contiguous() for t in group):
-            why.append(f"{name} must be contiguous: the CUDA kernel updates them in place by flat index")
-    return why
-
-
-def _topk(params, density):
-    return None if density is None else [topk_count(p.numel(), density) for p in params]
-
-
-def _cuda_adamw_reasons(params, grads, exp_avgs, exp_avg_sqs, step, **kwargs) -> list[str]:
-    return _cuda_reasons(params, grads, [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)], kwargs.get("masks"))
-
-
-def _cuda_adamw(
-    params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas, eps, weight_decay, masks=None, density=None
-) -> None:
-    from treelora.kernels import cuda_masked_update
-
-    cuda_masked_update.masked_adamw(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        step,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        masks=masks,
-        topk=_topk(params, density),
-    )
-
-
-def _cuda_sgd_reasons(params, grads, momentum_buffers, **kwargs) -> list[str]:
-    states = [("momentum_buffers", momentum_buffers)] if kwargs.get("momentum", 0.0) != 0.0 else []
-    return _cuda_reasons(params, grads, states, kwargs.get("masks"))
-
-
-def _cuda_sgd(params, grads, momentum_buffers, *, lr, momentum=0.0, weight_decay=0.0, masks=None, density=None) -> None:
-    from treelora.kernels import cuda_masked_update
-
-    cuda_masked_update.masked_sgd(
-        params,
-        grads,
-        momentum_buffers,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        masks=masks,
-        topk=_topk(params, density),
-    )
-
-
-backends.register(
-    OP_ADAMW, "cuda", _cuda_adamw, _cuda_adamw_reasons, environment=lambda: backends.device_reasons_cuda()
+backends.register_family(
+    "masked_update",
+    ops=(OP_ADAMW, OP_SGD),
+    torch=torch_masked_update,
+    triton="treelora.kernels.triton.masked_update",
+    cuda="treelora.kernels.cuda.masked_update",
 )
-backends.register(OP_SGD, "cuda", _cuda_sgd, _cuda_sgd_reasons, environment=lambda: backends.device_reasons_cuda())
+
+# --- references (the torch backend, see the module docstring) -----------------------------------------------------
+
+masked_adamw_ref_ = torch_masked_update.masked_adamw_
+masked_sgd_ref_ = torch_masked_update.masked_sgd_
+density_threshold_ref = torch_masked_update.density_threshold
+selection_mask = torch_masked_update.selection_mask
+
+__all__ = [
+    "MASK_DTYPES",
+    "OP_ADAMW",
+    "OP_SGD",
+    "density_threshold_ref",
+    "masked_adamw_",
+    "masked_adamw_ref_",
+    "masked_sgd_",
+    "masked_sgd_ref_",
+    "selection_mask",
+    "topk_count",
+]
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -312,7 +138,7 @@ def _check_selection(params, masks, density):
             if mask.dim() != 1:
                 raise ValueError(f"masks[{i}] is an index list and must be 1-D, got shape {tuple(mask.shape)}")
             if mask.device.type == "cpu" and mask.numel() and (mask.min() < 0 or mask.max() >= p.numel()):
-                raise IndexError(f"masks[{i}] holds flat indices outside [0, {p.numel()}) of params[{i}]")
+                raise ValueError(f"masks[{i}] holds flat indices outside [0, {p.numel()}) of params[{i}]")
     return list(masks), None
 
 
@@ -327,7 +153,9 @@ def _check_step(step, device: torch.device) -> None:
         if step.device.type == "cpu" and not step.item() >= 1:
             raise ValueError(f"step is the 1-based index of this update and must be >= 1, got {step.item()!r}")
         return
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 1 or not math.isfinite(step):
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(f"step must be a number or a 1-element tensor, got {type(step).__name__}")
+    if not step >= 1 or not math.isfinite(step):
         raise ValueError(f"step is the 1-based index of this update and must be >= 1, got {step!r}")
 
 
@@ -435,7 +263,9 @@ def masked_adamw_(
     exp_avg_sqs = _check_group("exp_avg_sqs", exp_avg_sqs, params)
     _check_step(step, params[0].device)
     lr = check_finite_number("lr", lr, low=0.0)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {type(betas).__name__}")
+    if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     b1 = check_finite_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
     b2 = check_finite_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)

@@ -1,10 +1,14 @@
-"""Launchers of the CUDA C++ masked multi-tensor optimizer in ``treelora._C`` (csrc/masked_update.cu).
+"""The ``cuda`` backend of the sparse masked optimizer steps: launchers of the CUDA C++ multi-tensor kernels in
+``treelora._C`` (csrc/masked_update.cu) and the backend's entry points (``masked_adamw_``, ``masked_sgd_`` and their
+``*_not_supported_reasons``, on the arguments of the ops in treelora/ops/masked_update.py).
 
 The kernels read one row of 16 int64 words per tensor from a device table (addresses, sizes, dtypes, the selection
 kind). The table is built here from the tensor lists and cached by everything it contains, so a training loop that
 passes the same tensors (and masks) every step pays for one host-to-device copy in total; a new mask tensor gives a
 new table. Each call then queues a fixed number of launches whatever the number of tensors, with no host
-synchronisation (the step may be a device tensor).
+synchronisation (the step may be a device tensor), inside :func:`treelora.kernels.env.device_guard` of the parameters'
+device. A ``density`` becomes the per-tensor count ``topk_count(numel, density)`` in the table (the kernels select
+the k largest |grad| of each tensor).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Sequence
 import torch
 
 from treelora import _cpp_lib
-from treelora.kernels import cuda_common as cc
+from treelora.kernels import env
+from treelora.kernels.constants import DTYPE_CODES, topk_count
+from treelora.kernels.cuda import common as cc
 
 # Elements per chunk (one block at a time): 256 threads x 4 entries x 4 steps. 40M parameters make ~10K chunks.
 CHUNK_ELEMS = 4096
@@ -28,7 +34,7 @@ _tables: collections.OrderedDict[tuple, tuple[torch.Tensor, dict]] = collections
 
 
 def _dtype(t: torch.Tensor | None) -> int:
-    return 0 if t is None else cc.DTYPE_CODES[t.dtype]
+    return 0 if t is None else DTYPE_CODES[t.dtype]
 
 
 def _describe(params, grads, state0, state1, masks, topk, full_selects_all) -> tuple:
@@ -147,7 +153,11 @@ def _contiguous(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def masked_adamw(
+def _topk(params: Sequence[torch.Tensor], density: float | None) -> list[int] | None:
+    return None if density is None else [topk_count(p.numel(), density) for p in params]
+
+
+def masked_adamw_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
@@ -155,20 +165,20 @@ def masked_adamw(
     step: float | torch.Tensor,
     *,
     lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    masks: Sequence[torch.Tensor | None] | None,
-    topk: Sequence[int] | None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
 ) -> None:
-    """AdamW on the selected entries, in place. Tensors validated by the caller: params and moments contiguous
-    fp32/fp16/bf16 on one CUDA device; masks bool/uint8 (param's shape) or int64 flat-index lists (contiguous);
-    ``topk`` (per tensor k = ceil(ρ·numel)) replaces masks for a density selection."""
+    """AdamW on the selected entries, in place (the contract of :func:`treelora.ops.masked_adamw_`). Tensors
+    validated by the op: params and moments contiguous fp32/fp16/bf16 on one CUDA device; masks bool/uint8 (param's
+    shape) or int64 flat-index lists; ``density`` selects the top ρ fraction by |grad| per tensor instead."""
     C = _cpp_lib.require("masked_adamw")
     device = params[0].device
     grads = _contiguous(grads)
     masks = None if masks is None else [None if m is None else m.contiguous() for m in masks]
-    table, meta = _table(params, grads, exp_avgs, exp_avg_sqs, masks, topk)
+    table, meta = _table(params, grads, exp_avgs, exp_avg_sqs, masks, _topk(params, density))
     step_dev = None
     step_host = 1.0
     if isinstance(step, torch.Tensor):
@@ -176,46 +186,46 @@ def masked_adamw(
     else:
         step_host = float(step)
     args, _workspace = _common_args(C, table, meta, device)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.masked_adamw(
             *args, lr, betas[0], betas[1], eps, weight_decay, step_host, cc.ptr(step_dev), cc.stream_handle(device)
         )
 
 
-def masked_sgd(
+def masked_sgd_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor | None] | None,
     *,
     lr: float,
-    momentum: float,
-    weight_decay: float,
-    masks: Sequence[torch.Tensor | None] | None,
-    topk: Sequence[int] | None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
 ) -> None:
-    """SGD (momentum without dampening, coupled weight decay) on the selected entries, in place. Buffers are used
-    only when momentum != 0."""
+    """SGD (momentum without dampening, coupled weight decay) on the selected entries, in place (the contract of
+    :func:`treelora.ops.masked_sgd_`). Buffers are used only when momentum != 0."""
     C = _cpp_lib.require("masked_sgd")
     device = params[0].device
     grads = _contiguous(grads)
     masks = None if masks is None else [None if m is None else m.contiguous() for m in masks]
     buffers = momentum_buffers if momentum != 0.0 else None
-    table, meta = _table(params, grads, buffers, None, masks, topk)
+    table, meta = _table(params, grads, buffers, None, masks, _topk(params, density))
     args, _workspace = _common_args(C, table, meta, device)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.masked_sgd(*args, lr, momentum, weight_decay, cc.stream_handle(device))
 
 
-def density_thresholds(grads: Sequence[torch.Tensor], topk: Sequence[int]) -> torch.Tensor:
-    """The radix select alone: (n,) fp32, the k-th largest |grad| of each tensor (+inf where k = 0).
-    grads: fp32/fp16/bf16 tensors on one CUDA device; topk: k per tensor, 0 <= k <= numel."""
+def density_thresholds(grads: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """The radix select alone: (n,) fp32, the k-th largest |grad| of each tensor with k = ``topk_count(numel,
+    density)`` (+inf where k = 0). grads: fp32/fp16/bf16 tensors on one CUDA device; density: ρ in (0, 1]."""
     C = _cpp_lib.require("masked_density_thresholds")
     device = grads[0].device
     grads = _contiguous(grads)
-    table, meta = _table(grads, grads, None, None, None, topk, full_selects_all=False)
+    table, meta = _table(grads, grads, None, None, None, _topk(grads, density), full_selects_all=False)
     out = torch.empty(len(grads), dtype=torch.float32, device=device)
     workspace = torch.empty(C.masked_update_workspace_size(meta["num_tensors"], 0), dtype=torch.uint8, device=device)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.masked_density_thresholds(
             cc.ptr(table),
             meta["num_tensors"],
@@ -226,3 +236,47 @@ def density_thresholds(grads: Sequence[torch.Tensor], topk: Sequence[int]) -> to
             cc.stream_handle(device),
         )
     return out
+
+
+def _reasons(named: env.Named, states: env.Named) -> list[str]:
+    """Devices and dtypes of every list; contiguity of the optimizer states updated in place."""
+    why = env.cuda_device_reasons(named[:1]) + env.dtype_reasons("CUDA kernels", (*named, *states))
+    for name, tensors in states:
+        strided = next((i for i, t in enumerate(tensors) if t is not None and not t.is_contiguous()), None)
+        if strided is not None:
+            why.append(f"{name}[{strided}] is not contiguous (the CUDA kernel updates it in place by flat index)")
+    return why
+
+
+def masked_adamw_not_supported_reasons(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    step: float | torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
+) -> list[str]:
+    """Why these (validated) inputs cannot run here; empty when they can."""
+    return _reasons((("params", params), ("grads", grads)), (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)))
+
+
+def masked_sgd_not_supported_reasons(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor | None] | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
+) -> list[str]:
+    """Why these (validated) inputs cannot run here; empty when they can (the buffers count only with momentum)."""
+    states = (("momentum_buffers", momentum_buffers),) if momentum != 0.0 else ()
+    return _reasons((("params", params), ("grads", grads)), states)

@@ -20,13 +20,16 @@ Design ("graph split"):
 * frozen adapters: the first ``frozen_rank`` rows of A / columns of B take part in y, du and dx; dA and dB are
   produced for the trainable slice only.
 
-Order of this file: constants → ``@triton.jit`` kernels → launchers → :class:`TritonLoRALauncher` →
-:func:`not_supported_reasons` → ``COMPILE_SPECS``.
+Inputs arrive validated, non-empty and with a non-zero Python scale: the ops layer routes empty inputs and a scale of
+exactly 0 to the torch backend and folds a tensor scale into lora_B (treelora/ops/lora_linear.py).
+
+Order of this file: constants → ``@triton.jit`` kernels → launchers → the backend's entry points (``lora_linear_fwd``,
+``lora_linear_bwd``, ``lora_linear_dropout_mask``) and ``lora_linear_not_supported_reasons``. Ahead-of-time compile
+specs of these kernels live in ``compile_specs.py``, off this module's import path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from treelora.kernels._triton_utils import INTERPRET, CompileSpec
-from treelora.kernels.lora_configs import GemmTiles, LoRAConfig, family, select_config
-from treelora.ops._validation import KERNEL_DTYPES
-from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher, kernel_input_reasons
+from treelora.kernels import env
+from treelora.kernels.triton.lora_configs import GemmTiles, LoRAConfig, family, select_config
 
 # Smallest r-block: tl.dot needs every dimension >= 16, so r is padded (with masked zeros) to 16 inside a block.
 MIN_BLOCK_R = 16
@@ -346,14 +347,9 @@ def _block_r(r: int, max_block_r: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 products follow torch's matmul setting (tf32 only when torch allows it); 16-bit ones ignore it."""
-    if dtype == torch.float32 and (INTERPRET or not torch.backends.cuda.matmul.allow_tf32):
+    if dtype == torch.float32 and (env.TRITON_INTERPRET or not torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"
-
-
-def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache
@@ -364,7 +360,7 @@ def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
 
 def _family_and_sms(device: torch.device) -> tuple[str, int]:
     """The config family and the number of SMs (1 under the interpreter: no split pays there)."""
-    if INTERPRET or device.type != "cuda":
+    if env.TRITON_INTERPRET or device.type != "cuda":
         return family(None), 1
     capability, sms = _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
     return family(capability), sms
@@ -428,7 +424,7 @@ def lora_shrink(
     else:
         out = torch.empty(split, M, R, dtype=torch.float32, device=x2d.device)
     stride_us = out.stride(0) if out.dim() == 3 else 0
-    with _device_guard(x2d):
+    with env.device_guard(x2d.device):
         _lora_shrink_kernel[(grid_m, grid_r, split)](
             x2d, lora_A, out, _seed_ptr(seed, x2d),
             M, K, R, k_per_split,
@@ -436,7 +432,7 @@ def lora_shrink(
             dropout_p, scale,
             DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
             BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r,
-            DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=INTERPRET,
+            DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=env.TRITON_INTERPRET,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     return out.sum(0) if out.dim() == 3 else out
@@ -474,7 +470,7 @@ def lora_gemm(
     stride_a = a.stride() if base else (0, 0)
     stride_b = b.stride() if base else (0, 0)
     grid = (_cdiv(M, tiles.block_m) * _cdiv(N, tiles.block_n),)
-    with _device_guard(out):
+    with env.device_guard(out.device):
         # Pointers a kernel variant never reads (no base GEMM, no bias, no dropout) are given ``out``.
         _lora_gemm_kernel[grid](
             a if base else out, b if base else out, u, v, bias if bias is not None else out, out, _seed_ptr(seed, out),
@@ -486,7 +482,7 @@ def lora_gemm(
             BASE_GEMM=base, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             BLOCK_R=_block_r(R, max_block_r), GROUP_M=tiles.group_m,
-            DOT_PRECISION=_dot_precision(out.dtype), UPCAST=INTERPRET,
+            DOT_PRECISION=_dot_precision(out.dtype), UPCAST=env.TRITON_INTERPRET,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     return out
@@ -536,7 +532,7 @@ def lora_dudb(
             stride_dbs = db.stride(0)
     du_arg = du if du is not None else u
     db_arg = db if db is not None else u
-    with _device_guard(dy):
+    with env.device_guard(dy.device):
         _lora_dudb_kernel[grid](
             dy, lora_B, u, du_arg, db_arg,
             M, N, R, frozen_rank,
@@ -545,7 +541,7 @@ def lora_dudb(
             scaling,
             NEED_DU=need_du, NEED_DB=need_db, ATOMIC=atomic,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_k, BLOCK_R=block_r,
-            DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=INTERPRET,
+            DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=env.TRITON_INTERPRET,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     if db is not None and db.dim() == 3:
@@ -593,7 +589,7 @@ def lora_grad_a(
     else:
         out = torch.empty(split, RT, K, dtype=torch.float32, device=x2d.device)
     stride_das = out.stride(0) if out.dim() == 3 else 0
-    with _device_guard(x2d):
+    with env.device_guard(x2d.device):
         _lora_grad_a_kernel[(grid_k, grid_r, split)](
             x2d, du, out, _seed_ptr(seed, x2d),
             M, K, frozen_rank, RT, m_per_split,
@@ -601,7 +597,7 @@ def lora_grad_a(
             dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
             BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r,
-            DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=INTERPRET,
+            DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=env.TRITON_INTERPRET,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     if out.dim() == 3:
@@ -616,168 +612,28 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> t
     # interpreter's per-program arrays small and gives a GPU many programs.
     block_m, block_k = 32, 64
     if M and K:
-        with _device_guard(seed):
+        with env.device_guard(seed.device):
             _dropout_keep_kernel[(_cdiv(M, block_m) * _cdiv(K, block_k),)](
                 seed, keep, M, K, dropout_p, BLOCK_M=block_m, BLOCK_K=block_k
             )
     return keep.view(torch.bool)
 
 
-# --- the launcher behind the triton backend -----------------------------------------------------------------------
+# --- the backend's entry points -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _State:
-    """Non-tensor forward state. ``config`` is None when the scale is 0 (the adapters were skipped)."""
+    """Non-tensor forward state, handed to the backward by the ops layer."""
 
     scaling: float
     dropout_p: float
     frozen_rank: int
-    config: LoRAConfig | None
+    config: LoRAConfig
 
 
-@dataclass(frozen=True)
-class _Delegated:
-    """Empty inputs (M, N or K = 0) run on the torch launcher: there is nothing to launch."""
-
-    state: Any
-
-
-class TritonLoRALauncher(LoRALauncher):
-    """Triton implementation of :class:`~treelora.ops.lora_linear.LoRALauncher`.
-
-    Args:
-        config: a fixed :class:`LoRAConfig` for every call; None (the default) picks one per call from the table in
-            ``lora_configs.py`` by GPU family and shape.
-
-    Saved for backward: x (M, K), W, A, B, u (M, r) fp32 and the dropout seed (1,) int64; never the mask.
-    """
-
-    name = "triton"
-
-    def __init__(self, config: LoRAConfig | None = None) -> None:
-        self.config = config
-
-    def forward(
-        self,
-        x2d: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        scaling: float,
-        dropout_p: float,
-        frozen_rank: int,
-        needs_grad: bool,
-    ) -> tuple[torch.Tensor, tuple, Any]:
-        """y (M, N) in x's dtype from x2d (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r)."""
-        M, K = x2d.shape
-        N = weight.shape[0]
-        if M == 0 or N == 0 or K == 0:
-            y, saved, state = TORCH_LAUNCHER.forward(
-                x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
-            )
-            return y, saved, _Delegated(state)
-        dt = x2d.dtype
-        if x2d.stride(1) != 1:
-            x2d = x2d.contiguous()  # every kernel streams x along K: a strided last dimension would not coalesce
-        if scaling == 0.0:
-            # Disabled adapter: exactly the base op (F.linear is this addmm), bitwise.
-            w = weight.to(dt)
-            y = torch.addmm(bias.to(dt), x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
-            saved = (x2d, weight, lora_A, lora_B) if needs_grad else ()
-            return y, saved, _State(scaling, dropout_p, frozen_rank, None)
-
-        config = self.config or config_for(x2d.device, M, lora_A.shape[0], dt)
-        _, sms = _family_and_sms(x2d.device)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        seed = None
-        if dropout_p > 0.0:
-            # Drawn on the device from torch's generator: reproducible under torch.manual_seed, no host sync.
-            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x2d.device)
-        u = lora_shrink(x2d, lora_A, scaling / (1.0 - dropout_p), dropout_p, seed, config, sms, deterministic)
-        # A weight in another dtype than x would need a converted copy for cuBLAS; the fused GEMM converts tiles.
-        if config.forward_base == "fused" or weight.dtype != dt:
-            y = torch.empty(M, N, dtype=dt, device=x2d.device)
-            lora_gemm(y, x2d, weight.t(), u, lora_B.t(), bias, config.gemm, config.max_block_r)
-        else:
-            y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
-            lora_gemm(y, None, None, u, lora_B.t(), None, config.expand, config.max_block_r)
-        saved = (x2d, weight, lora_A, lora_B, u, seed) if needs_grad else ()
-        return y, saved, _State(scaling, dropout_p, frozen_rank, config)
-
-    def backward(
-        self, dy2d: torch.Tensor, saved: tuple, state: Any, needs_dx: bool, needs_dA: bool, needs_dB: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """dx (M, K) in x's dtype, dA (r - f, K) in lora_A's and dB (N, r - f) in lora_B's, from dy2d (M, N)."""
-        if isinstance(state, _Delegated):
-            return TORCH_LAUNCHER.backward(dy2d, saved, state.state, needs_dx, needs_dA, needs_dB)
-        x2d, weight, lora_A, lora_B = saved[:4]
-        dt = x2d.dtype
-        dy = dy2d.to(dt)
-        M, K = x2d.shape
-        RT = lora_A.shape[0] - state.frozen_rank
-        dx = dA = dB = None
-        if state.config is None:
-            if needs_dx:
-                dx = torch.mm(dy, weight.to(dt))
-            if needs_dA:
-                dA = torch.zeros(RT, K, dtype=lora_A.dtype, device=x2d.device)
-            if needs_dB:
-                dB = torch.zeros(lora_B.shape[0], RT, dtype=lora_B.dtype, device=x2d.device)
-            return dx, dA, dB
-
-        u, seed = saved[4], saved[5]
-        config = state.config
-        _, sms = _family_and_sms(x2d.device)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        p, f = state.dropout_p, state.frozen_rank
-        need_du = needs_dx or (needs_dA and RT > 0)
-        du, dB = lora_dudb(dy, lora_B, u, state.scaling, f, need_du, needs_dB and RT > 0, config, deterministic)
-        if needs_dB and RT == 0:
-            dB = torch.zeros(lora_B.shape[0], 0, dtype=lora_B.dtype, device=x2d.device)
-        if needs_dx:
-            if config.grad_base == "fused" or weight.dtype != dt:
-                tiles = config.gemm_dropout if p > 0.0 else config.gemm
-                dx = lora_gemm(torch.empty(M, K, dtype=dt, device=x2d.device), dy, weight, du, lora_A, None, tiles,
-                               config.max_block_r, p, seed)  # fmt: skip
-            else:
-                dx = lora_gemm(torch.mm(dy, weight), None, None, du, lora_A, None, config.expand, config.max_block_r,
-                               p, seed)  # fmt: skip
-        if needs_dA:
-            if RT == 0:
-                dA = torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
-            else:
-                dA = lora_grad_a(x2d, du, f, lora_A.dtype, p, seed, config, sms, deterministic)
-        return dx, dA, dB
-
-    def dropout_mask(self, saved: tuple, state: Any) -> torch.Tensor | None:
-        """The forward's (M, K) bool keep-mask, regenerated from its seed; None without dropout, without saved
-        tensors (a forward with needs_grad=False) or with scale 0 (the adapters, hence the mask, were skipped)."""
-        if isinstance(state, _Delegated):
-            return TORCH_LAUNCHER.dropout_mask(saved, state.state)
-        if not saved or state.dropout_p == 0.0 or state.config is None:
-            return None
-        x2d, seed = saved[0], saved[5]
-        return dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], state.dropout_p)
-
-
-TRITON_LAUNCHER = TritonLoRALauncher()
-
-
-# --- what the kernels cannot run ----------------------------------------------------------------------------------
-
-
-def _device_reason(device: torch.device) -> str | None:
-    if device.type == "cpu" and not INTERPRET:
-        return "is a CPU tensor but the triton kernels were defined without TRITON_INTERPRET=1"
-    if device.type not in ("cpu", "cuda"):
-        return f"is on {device}; the triton kernels run on CUDA devices"
-    return None
-
-
-def not_supported_reasons(
-    x: torch.Tensor,
+def lora_linear_fwd(
+    x2d: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
@@ -785,6 +641,92 @@ def not_supported_reasons(
     scaling: float,
     dropout_p: float,
     frozen_rank: int,
+    needs_grad: bool,
+    *,
+    config: LoRAConfig | None = None,
+) -> tuple[torch.Tensor, tuple, Any]:
+    """y (M, N) in x's dtype from x2d (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r).
+
+    ``config`` fixes the kernel configuration (tests); None picks one per call from the table in ``lora_configs.py``
+    by GPU family and shape. Saved for backward: x (M, K), W, A, B, u (M, r) fp32 and the dropout seed (1,) int64;
+    never the mask.
+    """
+    M, K = x2d.shape
+    N = weight.shape[0]
+    dt = x2d.dtype
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()  # every kernel streams x along K: a strided last dimension would not coalesce
+    config = config or config_for(x2d.device, M, lora_A.shape[0], dt)
+    _, sms = _family_and_sms(x2d.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn on the device from torch's generator: reproducible under torch.manual_seed, no host sync.
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x2d.device)
+    u = lora_shrink(x2d, lora_A, scaling / (1.0 - dropout_p), dropout_p, seed, config, sms, deterministic)
+    # A weight in another dtype than x would need a converted copy for cuBLAS; the fused GEMM converts tiles.
+    if config.forward_base == "fused" or weight.dtype != dt:
+        y = torch.empty(M, N, dtype=dt, device=x2d.device)
+        lora_gemm(y, x2d, weight.t(), u, lora_B.t(), bias, config.gemm, config.max_block_r)
+    else:
+        y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+        lora_gemm(y, None, None, u, lora_B.t(), None, config.expand, config.max_block_r)
+    saved = (x2d, weight, lora_A, lora_B, u, seed) if needs_grad else ()
+    return y, saved, _State(scaling, dropout_p, frozen_rank, config)
+
+
+def lora_linear_bwd(
+    dy2d: torch.Tensor, saved: tuple, state: Any, needs_dx: bool, needs_dA: bool, needs_dB: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dx (M, K) in x's dtype, dA (r - f, K) in lora_A's and dB (N, r - f) in lora_B's, from dy2d (M, N)."""
+    x2d, weight, lora_A, lora_B, u, seed = saved
+    dt = x2d.dtype
+    dy = dy2d.to(dt)
+    M, K = x2d.shape
+    RT = lora_A.shape[0] - state.frozen_rank
+    config = state.config
+    _, sms = _family_and_sms(x2d.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    p, f = state.dropout_p, state.frozen_rank
+    dx = dA = None
+    need_du = needs_dx or (needs_dA and RT > 0)
+    du, dB = lora_dudb(dy, lora_B, u, state.scaling, f, need_du, needs_dB and RT > 0, config, deterministic)
+    if needs_dB and RT == 0:
+        dB = torch.zeros(lora_B.shape[0], 0, dtype=lora_B.dtype, device=x2d.device)
+    if needs_dx:
+        if config.grad_base == "fused" or weight.dtype != dt:
+            tiles = config.gemm_dropout if p > 0.0 else config.gemm
+            dx = lora_gemm(torch.empty(M, K, dtype=dt, device=x2d.device), dy, weight, du, lora_A, None, tiles,
+                           config.max_block_r, p, seed)  # fmt: skip
+        else:
+            dx = lora_gemm(torch.mm(dy, weight), None, None, du, lora_A, None, config.expand, config.max_block_r,
+                           p, seed)  # fmt: skip
+    if needs_dA:
+        if RT == 0:
+            dA = torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
+        else:
+            dA = lora_grad_a(x2d, du, f, lora_A.dtype, p, seed, config, sms, deterministic)
+    return dx, dA, dB
+
+
+def lora_linear_dropout_mask(saved: tuple, state: Any) -> torch.Tensor | None:
+    """The forward's (M, K) bool keep-mask, regenerated from its seed; None without dropout or without saved tensors
+    (a forward with needs_grad=False)."""
+    if not saved or state.dropout_p == 0.0:
+        return None
+    x2d, seed = saved[0], saved[5]
+    return dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], state.dropout_p)
+
+
+def lora_linear_not_supported_reasons(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    frozen_rank: int = 0,
 ) -> list[str]:
     """Why the Triton kernels cannot run these (validated) inputs; empty when they can.
 
@@ -792,8 +734,9 @@ def not_supported_reasons(
         x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for ``lora_linear``.
         scaling, dropout_p, frozen_rank: as for ``lora_linear`` (every value the op accepts is supported).
     """
-    why = kernel_input_reasons(x, weight, bias, lora_A, lora_B, "triton kernels", _device_reason)
-    if x.is_cuda and x.dtype == torch.bfloat16 and not INTERPRET:
+    named = (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B))
+    why = env.triton_device_reasons(named) + env.dtype_reasons("triton kernels", named)
+    if x.is_cuda and x.dtype == torch.bfloat16 and not env.TRITON_INTERPRET:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         capability = _cuda_properties(index)[0]
         if capability < (8, 0):
@@ -803,112 +746,3 @@ def not_supported_reasons(
         if size > MAX_DIM:
             why.append(f"{name} = {size} exceeds {MAX_DIM}: tile offsets in the kernels are 32-bit")
     return why
-
-
-# --- ahead-of-time compile specs (tests/test_triton_compile.py) ---------------------------------------------------
-
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]) -> dict[str, str]:
-    """Argument types in the kernel's order: the given pointers, fp32 scalars, i32 for sizes and strides."""
-    out = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            out[name] = "constexpr"
-        elif name in pointers:
-            out[name] = pointers[name]
-        else:
-            out[name] = "fp32" if name in floats else "i32"
-    return out
-
-
-def _spec(name, kernel, pointers, floats, constexprs, num_warps=4, num_stages=3) -> CompileSpec:
-    return CompileSpec(
-        name, kernel, _signature(kernel, pointers, floats, constexprs), constexprs, num_warps, num_stages
-    )
-
-
-# Strides that are 1 for contiguous inputs: triton specialises an integer argument equal to 1 into a constant at
-# launch, which is what makes those loads contiguous (vectorised, and pipelined with cp.async), so the specs do too.
-_UNIT_STRIDES = {
-    "shrink": dict(stride_xk=1, stride_ak=1, stride_ur=1),
-    "forward": dict(stride_ak=1, stride_bk=1, stride_ur=1, stride_vr=1, stride_cn=1),  # x, Wᵀ, u, Bᵀ, y
-    "dx": dict(stride_ak=1, stride_bn=1, stride_ur=1, stride_vn=1, stride_cn=1),  # dy, W, du, A, dx
-    "expand": dict(stride_ur=1, stride_vr=1, stride_cn=1),
-    "dudb": dict(stride_dyn=1, stride_br=1, stride_ur=1, stride_dur=1, stride_dbr=1),
-    "grad_a": dict(stride_xk=1, stride_dur=1, stride_dak=1),
-}
-# Tiles of which table family each dtype's specs use: both families' GEMM tiles get compiled for both architectures.
-_SPEC_FAMILY = {torch.float32: "sm90", torch.float16: "sm80", torch.bfloat16: "sm90"}
-# Shared memory per block (bytes) that each family's tiles must fit: sm86/sm89 allow 99 KB, H100 227 KB.
-SHARED_MEMORY_LIMIT = {"sm80": 101376, "sm90": 232448}
-
-
-def _compile_specs() -> list[CompileSpec]:
-    """Every kernel at fp32/fp16/bf16, with and without dropout (du/dB: both reduction modes), on the table's tiles
-    for 8192 rows and r = 16; spec names end in the family whose tiles they use."""
-    specs = []
-    for dtype in KERNEL_DTYPES:
-        fam = _SPEC_FAMILY[dtype]
-        cfg = select_config(fam, 8192, 16, dtype.itemsize)
-        t = _TYPES[dtype]
-        prec = "ieee" if dtype == torch.float32 else "tf32"
-        # bf16 activations with fp32 adapters (the common mixed case); the other dtypes with same-dtype adapters.
-        ad = "fp32" if dtype == torch.bfloat16 else t
-        for dropout in (False, True):
-            tag = f"{t}-{'dropout' if dropout else 'nodrop'}-{fam}"
-            sh = cfg.shrink
-            specs.append(_spec(
-                f"shrink-{tag}", _lora_shrink_kernel,
-                {"x_ptr": f"*{t}", "a_ptr": f"*{ad}", "u_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "scale"),
-                dict(_UNIT_STRIDES["shrink"], DROPOUT=dropout, ATOMIC=dropout, BLOCK_M=sh.block_m,
-                     BLOCK_K=sh.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
-                sh.num_warps, sh.num_stages,
-            ))  # fmt: skip
-            gemm_ptrs = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "u_ptr": "*fp32", "v_ptr": f"*{ad}", "bias_ptr": f"*{t}",
-                         "c_ptr": f"*{t}", "seed_ptr": "*i64"}  # fmt: skip
-            # The forward GEMM (bias, no dropout epilogue) and the dx GEMM (dropout epilogue, its own tiles), with
-            # r-blocks of 64 (r = 64, the widest block).
-            g = cfg.gemm_dropout if dropout else cfg.gemm
-            specs.append(_spec(
-                f"gemm-fused-{tag}", _lora_gemm_kernel, gemm_ptrs, ("p", "drop_scale"),
-                dict(_UNIT_STRIDES["dx" if dropout else "forward"], BASE_GEMM=True, HAS_BIAS=not dropout,
-                     DROPOUT=dropout, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=64,
-                     GROUP_M=g.group_m, DOT_PRECISION=prec, UPCAST=False),
-                g.num_warps, g.num_stages,
-            ))  # fmt: skip
-            e = cfg.expand
-            specs.append(_spec(
-                f"gemm-expand-{tag}", _lora_gemm_kernel, gemm_ptrs, ("p", "drop_scale"),
-                dict(_UNIT_STRIDES["expand"], BASE_GEMM=False, HAS_BIAS=False, DROPOUT=dropout, BLOCK_M=e.block_m,
-                     BLOCK_N=e.block_n, BLOCK_K=e.block_k, BLOCK_R=16, GROUP_M=e.group_m, DOT_PRECISION=prec,
-                     UPCAST=False),
-                e.num_warps, e.num_stages,
-            ))  # fmt: skip
-            ga = cfg.grad_a
-            specs.append(_spec(
-                f"grad-a-{tag}", _lora_grad_a_kernel,
-                {"x_ptr": f"*{t}", "du_ptr": "*fp32", "da_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "drop_scale"),
-                dict(_UNIT_STRIDES["grad_a"], DROPOUT=dropout, ATOMIC=not dropout, BLOCK_M=ga.block_m,
-                     BLOCK_K=ga.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
-                ga.num_warps, ga.num_stages,
-            ))  # fmt: skip
-        for atomic in (False, True):
-            d = cfg.dudb
-            specs.append(_spec(
-                f"dudb-{t}-{'atomic' if atomic else 'workspace'}-{fam}", _lora_dudb_kernel,
-                {"dy_ptr": f"*{t}", "b_ptr": f"*{ad}", "u_ptr": "*fp32", "du_ptr": "*fp32", "db_ptr": "*fp32"},
-                ("scaling",),
-                dict(_UNIT_STRIDES["dudb"], NEED_DU=True, NEED_DB=True, ATOMIC=atomic, BLOCK_M=d.block_m,
-                     BLOCK_N=d.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
-                d.num_warps, d.num_stages,
-            ))  # fmt: skip
-    specs.append(_spec(
-        "dropout-keep", _dropout_keep_kernel, {"seed_ptr": "*i64", "keep_ptr": "*u8"}, ("p",),
-        dict(BLOCK_M=32, BLOCK_K=64),
-    ))  # fmt: skip
-    return specs
-
-
-COMPILE_SPECS: list[CompileSpec] = [] if INTERPRET else _compile_specs()

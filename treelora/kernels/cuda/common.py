@@ -1,23 +1,22 @@
-"""Glue between torch tensors and the torch-free extension ``treelora._C``: dtype/metric codes (mirrored in
-``csrc/common.h``), raw pointers, the current stream handle, the device guard and small cached device metadata."""
+"""Glue between torch tensors and the torch-free extension ``treelora._C``: dtype codes (the shared codes of
+treelora/kernels/constants.py, which csrc/kernel_constants.h is generated from), raw pointers, the current stream
+handle and small cached device metadata. Launches run inside :func:`treelora.kernels.env.device_guard`."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator
 
 import torch
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-METRIC_CODES = {"dot": 0, "l1": 1, "sqeuclidean": 2, "cosine": 3, "l1_normalized": 4}
+from treelora.kernels.constants import DTYPE_CODES, KERNEL_DTYPES, dtype_message
 
 
 def dtype_code(t: torch.Tensor, name: str) -> int:
+    """The extension's code of ``t``'s dtype; a TypeError naming ``name`` for a dtype it does not take."""
     try:
         return DTYPE_CODES[t.dtype]
     except KeyError:
-        raise TypeError(f"{name} has dtype {t.dtype}; the CUDA extension supports fp32, fp16 and bf16") from None
+        raise TypeError(dtype_message(name, t.dtype, KERNEL_DTYPES, " by the CUDA kernels")) from None
 
 
 def ptr(t: torch.Tensor | None) -> int:
@@ -27,13 +26,6 @@ def ptr(t: torch.Tensor | None) -> int:
 def stream_handle(device: torch.device) -> int:
     """The handle of torch's current stream on ``device``: kernels queue behind torch's own work, no sync."""
     return torch.cuda.current_stream(device).cuda_stream
-
-
-@contextlib.contextmanager
-def device_guard(device: torch.device) -> Iterator[None]:
-    """Make ``device`` current while launching, so the kernels run on the device that holds the tensors."""
-    with torch.cuda.device(device):
-        yield
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,5 +1,6 @@
 """The ``cuda`` backend of the fused LoRA linear: launchers of the CUDA C++ LoRA-branch kernels (csrc/lora.cu) around
-cuBLAS, behind the :class:`~treelora.ops.lora_linear.LoRALauncher` interface.
+cuBLAS, and the backend's entry points (``lora_linear_fwd``, ``lora_linear_bwd``, ``lora_linear_dropout_mask``,
+``lora_linear_not_supported_reasons``; the contract is in treelora/kernels/torch/lora.py).
 
 Graph split (SPEC 3.1):
 
@@ -11,7 +12,7 @@ Graph split (SPEC 3.1):
   regenerates the dropout mask.
 * dropout: Philox keyed by a {seed, offset} pair drawn on the device from torch's generator (reproducible under
   ``torch.manual_seed``, no host synchronisation), counter = the element's index row·K + col in x. The mask is never
-  stored; :meth:`CudaLoRALauncher.dropout_mask` regenerates it for tests.
+  stored; :func:`lora_linear_dropout_mask` regenerates it for tests.
 * precision: every operand is converted to fp32 when it is loaded and every sum accumulates in fp32; u and du stay
   fp32 (M·r·4 bytes). Reductions over K, N or M go through per-block partial slabs summed in a fixed order:
   results are bitwise reproducible run to run.
@@ -19,6 +20,10 @@ Graph split (SPEC 3.1):
   computed for the trainable slice only.
 
 Saved for backward: x (M, K), W, A, B, u (M, r) fp32 and the (2,) int64 dropout seed; never the mask.
+
+Inputs arrive validated, non-empty and with a non-zero Python scale: the ops layer routes empty inputs and a scale of
+exactly 0 to the torch backend (treelora/ops/lora_linear.py). Every launch runs inside
+:func:`treelora.kernels.env.device_guard` of its tensors' device.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from typing import Any
 import torch
 
 from treelora import _cpp_lib
-from treelora.kernels import cuda_common as cc
-from treelora.ops.lora_linear import TORCH_LAUNCHER, LoRALauncher, kernel_input_reasons
+from treelora.kernels import env
+from treelora.kernels.cuda import common as cc
 
 # Dropout keeps an element when the top 24 bits of its Philox word are below round((1 - p) · 2^24).
 _KEEP_BITS = 24
@@ -43,19 +48,11 @@ def keep_threshold(dropout_p: float) -> int:
 
 @dataclass(frozen=True)
 class _State:
-    """Non-tensor forward state; ``adapted`` is False when the scale is 0 (the adapters were skipped)."""
+    """Non-tensor forward state, handed to the backward by the ops layer."""
 
     scaling: float
     dropout_p: float
     frozen_rank: int
-    adapted: bool
-
-
-@dataclass(frozen=True)
-class _Delegated:
-    """Empty inputs (M, N or K = 0) run on the torch launcher: there is nothing to launch."""
-
-    state: Any
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -81,7 +78,7 @@ def shrink(
     device = x.device
     u = torch.empty(M, r, dtype=torch.float32, device=device)
     ws = _workspace(C, device, M, K, r, 0)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.lora_shrink(
             cc.ptr(x),
             cc.dtype_code(x, "x"),
@@ -124,7 +121,7 @@ def expand(
     M, r = u.shape
     device = u.device
     out = torch.empty(M, cols, dtype=dtype, device=device)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.lora_expand(
             cc.ptr(u),
             r,
@@ -167,7 +164,7 @@ def backward_dy(
     du = torch.empty(M, r, dtype=torch.float32, device=device) if need_du else None
     db = torch.empty(N, r_t, dtype=lora_B.dtype, device=device) if need_db else None
     ws = _workspace(C, device, M, N, r if need_du else 0, r_t if need_db else 0)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.lora_backward_dy(
             cc.ptr(dy),
             cc.dtype_code(dy, "dy"),
@@ -212,7 +209,7 @@ def grad_a(
     device = x.device
     da = torch.empty(r_t, K, dtype=dtype, device=device)
     ws = _workspace(C, device, M, K, 0, r_t)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.lora_grad_a(
             cc.ptr(x),
             cc.dtype_code(x, "x"),
@@ -240,89 +237,13 @@ def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> t
     C = _cpp_lib.require("lora_dropout_mask")
     device = seed.device
     keep = torch.empty(M, K, dtype=torch.uint8, device=device)
-    with cc.device_guard(device):
+    with env.device_guard(device):
         C.lora_dropout_mask(cc.ptr(seed), keep_threshold(dropout_p), M, K, cc.ptr(keep), cc.stream_handle(device))
     return keep.bool()
 
 
-class CudaLoRALauncher(LoRALauncher):
-    """CUDA C++ implementation of :class:`~treelora.ops.lora_linear.LoRALauncher` (see the module docstring)."""
-
-    name = "cuda"
-
-    def forward(self, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad):
-        M, K = x2d.shape
-        N = weight.shape[0]
-        if M == 0 or N == 0 or K == 0:
-            y, saved, state = TORCH_LAUNCHER.forward(
-                x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, frozen_rank, needs_grad
-            )
-            return y, saved, _Delegated(state)
-        dt = x2d.dtype
-        x2d, _ = _rows(x2d)
-        # cuBLAS needs W in x's dtype: a weight stored otherwise is converted (one pass over W per call).
-        w = weight if weight.dtype == dt else weight.to(dt)
-        if scaling == 0.0:
-            # Disabled adapter: exactly the base op (F.linear is this addmm), bitwise.
-            y = torch.addmm(bias.to(dt), x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
-            saved = (x2d, weight, lora_A, lora_B, None, None) if needs_grad else ()
-            return y, saved, _State(scaling, dropout_p, frozen_rank, False)
-        seed = None
-        if dropout_p > 0.0:
-            seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=x2d.device)  # {seed, offset}, no host sync
-        u = shrink(x2d, lora_A, scaling / (1.0 - dropout_p), seed, dropout_p)
-        y = expand(u, lora_B, lora_B.stride(0), lora_B.stride(1), N, bias, 1.0, None, 0.0, dt)
-        y.addmm_(x2d, w.t())  # y += x Wᵀ with beta = 1: cuBLAS reads the LoRA term in its epilogue
-        saved = (x2d, weight, lora_A, lora_B, u, seed) if needs_grad else ()
-        return y, saved, _State(scaling, dropout_p, frozen_rank, True)
-
-    def backward(self, dy2d, saved, state, needs_dx, needs_dA, needs_dB):
-        if isinstance(state, _Delegated):
-            return TORCH_LAUNCHER.backward(dy2d, saved, state.state, needs_dx, needs_dA, needs_dB)
-        x2d, weight, lora_A, lora_B, u, seed = saved
-        dt = x2d.dtype
-        dy = dy2d.to(dt)
-        M, K = x2d.shape
-        N = weight.shape[0]
-        f, p = state.frozen_rank, state.dropout_p
-        r_t = lora_A.shape[0] - f
-        w = weight if weight.dtype == dt else weight.to(dt)
-        dx = dA = dB = None
-        if not state.adapted:
-            if needs_dx:
-                dx = torch.mm(dy, w)
-            if needs_dA:
-                dA = torch.zeros(r_t, K, dtype=lora_A.dtype, device=x2d.device)
-            if needs_dB:
-                dB = torch.zeros(N, r_t, dtype=lora_B.dtype, device=x2d.device)
-            return dx, dA, dB
-        need_du = needs_dx or (needs_dA and r_t > 0)
-        du, dB = backward_dy(dy, lora_B, u, state.scaling, f, need_du, needs_dB)
-        if needs_dx:
-            dx = expand(du, lora_A, lora_A.stride(1), lora_A.stride(0), K, None, 1.0 / (1.0 - p), seed, p, dt)
-            dx.addmm_(dy, w)  # dx += dy W with beta = 1
-        if needs_dA:
-            dA = (
-                grad_a(x2d, du, f, lora_A.dtype, 1.0 / (1.0 - p), seed, p)
-                if r_t > 0
-                else torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
-            )
-        return dx, dA, dB
-
-    def dropout_mask(self, saved, state):
-        if isinstance(state, _Delegated):
-            return TORCH_LAUNCHER.dropout_mask(saved, state.state)
-        if not saved or saved[5] is None:
-            return None
-        x2d = saved[0]
-        return dropout_keep_mask(saved[5], x2d.shape[0], x2d.shape[1], state.dropout_p)
-
-
-CUDA_LAUNCHER = CudaLoRALauncher()
-
-
-def not_supported_reasons(
-    x: torch.Tensor,
+def lora_linear_fwd(
+    x2d: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
@@ -330,12 +251,73 @@ def not_supported_reasons(
     scaling: float,
     dropout_p: float,
     frozen_rank: int,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, tuple, Any]:
+    """y (M, N) in x's dtype from x2d (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r)."""
+    N = weight.shape[0]
+    dt = x2d.dtype
+    x2d, _ = _rows(x2d)
+    # cuBLAS needs W in x's dtype: a weight stored otherwise is converted (one pass over W per call).
+    w = weight if weight.dtype == dt else weight.to(dt)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=x2d.device)  # {seed, offset}, no host sync
+    u = shrink(x2d, lora_A, scaling / (1.0 - dropout_p), seed, dropout_p)
+    y = expand(u, lora_B, lora_B.stride(0), lora_B.stride(1), N, bias, 1.0, None, 0.0, dt)
+    y.addmm_(x2d, w.t())  # y += x Wᵀ with beta = 1: cuBLAS reads the LoRA term in its epilogue
+    saved = (x2d, weight, lora_A, lora_B, u, seed) if needs_grad else ()
+    return y, saved, _State(scaling, dropout_p, frozen_rank)
+
+
+def lora_linear_bwd(
+    dy2d: torch.Tensor, saved: tuple, state: Any, needs_dx: bool, needs_dA: bool, needs_dB: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dx (M, K) in x's dtype, dA (r - f, K) in lora_A's and dB (N, r - f) in lora_B's, from dy2d (M, N)."""
+    x2d, weight, lora_A, lora_B, u, seed = saved
+    dt = x2d.dtype
+    dy = dy2d.to(dt)
+    K = x2d.shape[1]
+    f, p = state.frozen_rank, state.dropout_p
+    r_t = lora_A.shape[0] - f
+    w = weight if weight.dtype == dt else weight.to(dt)
+    dx = dA = None
+    need_du = needs_dx or (needs_dA and r_t > 0)
+    du, dB = backward_dy(dy, lora_B, u, state.scaling, f, need_du, needs_dB)
+    if needs_dx:
+        dx = expand(du, lora_A, lora_A.stride(1), lora_A.stride(0), K, None, 1.0 / (1.0 - p), seed, p, dt)
+        dx.addmm_(dy, w)  # dx += dy W with beta = 1
+    if needs_dA:
+        dA = (
+            grad_a(x2d, du, f, lora_A.dtype, 1.0 / (1.0 - p), seed, p)
+            if r_t > 0
+            else torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
+        )
+    return dx, dA, dB
+
+
+def lora_linear_dropout_mask(saved: tuple, state: Any) -> torch.Tensor | None:
+    """The forward's (M, K) bool keep-mask, regenerated from its seed; None without dropout or saved tensors."""
+    if not saved or saved[5] is None:
+        return None
+    x2d = saved[0]
+    return dropout_keep_mask(saved[5], x2d.shape[0], x2d.shape[1], state.dropout_p)
+
+
+def lora_linear_not_supported_reasons(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    dropout_p: float = 0.0,
+    frozen_rank: int = 0,
 ) -> list[str]:
-    """Why the CUDA kernels cannot run these (validated) inputs; empty when they can. Devices are checked before,
-    by the backend registry (``backends.device_reasons_cuda``).
+    """Why the CUDA kernels cannot run these (validated) inputs; empty when they can.
 
     Args:
         x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); as for ``lora_linear``.
         scaling, dropout_p, frozen_rank: as for ``lora_linear`` (every value the op accepts is supported).
     """
-    return kernel_input_reasons(x, weight, bias, lora_A, lora_B, "CUDA kernels")
+    named = (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B))
+    return env.cuda_device_reasons(named) + env.dtype_reasons("CUDA kernels", named)

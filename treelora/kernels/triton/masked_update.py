@@ -24,7 +24,12 @@ Selections:
     above it are selected (ties included), the reference's rule. No sort, no host synchronisation, and ρ = 1 skips
     the passes (the threshold would be the minimum).
 
-Launches per dtype group: 1 update, +2 with index lists, +3 with ``density < 1``.
+Launches per dtype group: 1 update, +2 with index lists, +3 with ``density < 1``; each runs inside
+:func:`treelora.kernels.env.device_guard` of the parameters' device.
+
+Order of this file: constants → ``@triton.jit`` kernels → cached device metadata → launchers and the backend's entry
+points (``masked_adamw_``, ``masked_sgd_``) → their ``*_not_supported_reasons``. Compile specs live in
+``compile_specs.py``.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ from __future__ import annotations
 import collections
 import functools
 import math
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from treelora.kernels._triton_utils import CompileSpec
-from treelora.ops._validation import KERNEL_DTYPES
+from treelora.kernels import env
+from treelora.kernels.constants import topk_count
 
 # Selection modes of the update kernels.
 SELECT_ALL = tl.constexpr(0)
@@ -363,9 +369,8 @@ def _pointer_table(addresses: list[int], device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _k_table(numels: tuple[int, ...], density: float, device: torch.device) -> torch.Tensor:
-    """Entries to select per tensor: k = ceil(ρ·numel), with the reference's guard against ρ·numel landing a rounding
-    error above an integer (``treelora.ops.masked_update.topk_count``; the tests compare the two selections)."""
-    return _to_device([min(n, math.ceil(density * n - 1e-9)) for n in numels], device)
+    """Entries to select per tensor, k = ``topk_count(numel, density)``, on the device (cached per layout)."""
+    return _to_device([topk_count(n, density) for n in numels], device)
 
 
 def _radix_select(
@@ -427,7 +432,8 @@ def density_thresholds(grads: list[torch.Tensor], density: float) -> torch.Tenso
     numels = tuple(g.numel() for g in grads)
     addresses = [g.data_ptr() for g in grads]
     table = _pointer_table(addresses, grads[0].device)
-    state = _radix_select(table, 1, 0, grads[0], numels, density, _is_aligned(addresses, numels))
+    with env.device_guard(grads[0].device):
+        state = _radix_select(table, 1, 0, grads[0], numels, density, _is_aligned(addresses, numels))
     return state[:, 0].contiguous().view(torch.float32)
 
 
@@ -514,18 +520,18 @@ def _groups(columns: list[list[torch.Tensor | None]], masks, density) -> list[_G
 
 
 def masked_adamw_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    step,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    step: float | torch.Tensor,
     *,
-    lr,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    masks=None,
-    density=None,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
 ) -> None:
     """Multi-tensor masked AdamW (the contract of :func:`treelora.ops.masked_adamw_`; inputs validated).
 
@@ -540,37 +546,46 @@ def masked_adamw_(
     beta1, beta2 = betas
     step_on_device = isinstance(step, torch.Tensor) and step.device == params[0].device
     step_value = 1.0 if step_on_device else float(step)
-    for group in _groups([params, grads, exp_avgs, exp_avg_sqs], masks, density):
-        _masked_adamw_kernel[(group.programs,)](
-            group.table,
-            *group.anchors,
-            group.block_tensor,
-            group.first_block,
-            group.numel_dev,
-            group.state,
-            step if step_on_device else group.table,
-            lr,
-            beta1,
-            beta2,
-            1.0 - beta1,
-            1.0 - beta2,
-            eps,
-            1.0 - lr * weight_decay,
-            1.0 - beta1**step_value,
-            1.0 - beta2**step_value,
-            math.log(beta1) if beta1 > 0 else -math.inf,
-            math.log(beta2) if beta2 > 0 else -math.inf,
-            SELECT=group.select,
-            DENSE_LOADS=group.dense_loads,
-            STEP_ON_DEVICE=step_on_device,
-            ALIGNED=group.aligned,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+    with env.device_guard(params[0].device):
+        for group in _groups([params, grads, exp_avgs, exp_avg_sqs], masks, density):
+            _masked_adamw_kernel[(group.programs,)](
+                group.table,
+                *group.anchors,
+                group.block_tensor,
+                group.first_block,
+                group.numel_dev,
+                group.state,
+                step if step_on_device else group.table,
+                lr,
+                beta1,
+                beta2,
+                1.0 - beta1,
+                1.0 - beta2,
+                eps,
+                1.0 - lr * weight_decay,
+                1.0 - beta1**step_value,
+                1.0 - beta2**step_value,
+                math.log(beta1) if beta1 > 0 else -math.inf,
+                math.log(beta2) if beta2 > 0 else -math.inf,
+                SELECT=group.select,
+                DENSE_LOADS=group.dense_loads,
+                STEP_ON_DEVICE=step_on_device,
+                ALIGNED=group.aligned,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
 
 
 def masked_sgd_(
-    params, grads, momentum_buffers, *, lr, momentum=0.0, weight_decay=0.0, masks=None, density=None
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor | None] | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
 ) -> None:
     """Multi-tensor masked SGD (the contract of :func:`treelora.ops.masked_sgd_`; inputs validated).
 
@@ -582,162 +597,70 @@ def masked_sgd_(
     """
     has_momentum = momentum != 0.0
     buffers = list(momentum_buffers) if has_momentum else [None] * len(params)
-    for group in _groups([params, grads, buffers], masks, density):
-        _masked_sgd_kernel[(group.programs,)](
-            group.table,
-            *group.anchors,
-            group.block_tensor,
-            group.first_block,
-            group.numel_dev,
-            group.state,
-            lr,
-            momentum,
-            weight_decay,
-            SELECT=group.select,
-            DENSE_LOADS=group.dense_loads,
-            HAS_MOMENTUM=has_momentum,
-            ALIGNED=group.aligned,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+    with env.device_guard(params[0].device):
+        for group in _groups([params, grads, buffers], masks, density):
+            _masked_sgd_kernel[(group.programs,)](
+                group.table,
+                *group.anchors,
+                group.block_tensor,
+                group.first_block,
+                group.numel_dev,
+                group.state,
+                lr,
+                momentum,
+                weight_decay,
+                SELECT=group.select,
+                DENSE_LOADS=group.dense_loads,
+                HAS_MOMENTUM=has_momentum,
+                ALIGNED=group.aligned,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
 
 
-def not_supported_reasons(params, grads, states) -> list[str]:
-    """Why these (validated) inputs cannot run here; empty when they can. ``states`` are the lists of optimizer
-    state tensors (moments or momentum buffers; None entries are skipped)."""
-    why = []
-    for name, tensors in (("params", params), ("grads", grads), *states):
-        for i, t in enumerate(tensors):
-            if t is None:
-                continue
-            if t.dtype not in KERNEL_DTYPES:
-                why.append(f"{name}[{i}] has dtype {t.dtype}; the Triton kernels take fp32, fp16 or bf16")
-                break
-            if t.numel() > MAX_NUMEL:
-                why.append(f"{name}[{i}] has {t.numel()} entries; the Triton kernels take at most {MAX_NUMEL}")
-                break
+def _reasons(named: env.Named, states: env.Named) -> list[str]:
+    """Devices, dtypes and sizes of every list; contiguity of the optimizer states updated in place."""
+    why = env.triton_device_reasons(named[:1]) + env.dtype_reasons("triton kernels", (*named, *states))
+    for name, tensors in (*named, *states):
+        big = next((i for i, t in enumerate(tensors) if t is not None and t.numel() > MAX_NUMEL), None)
+        if big is not None:
+            why.append(f"{name}[{big}] has {tensors[big].numel()} entries; the triton kernels take at most {MAX_NUMEL}")
     for name, tensors in states:
-        for i, t in enumerate(tensors):
-            if t is not None and not t.is_contiguous():
-                why.append(f"{name}[{i}] is not contiguous (it is updated in place through flat indices)")
-                break
+        strided = next((i for i, t in enumerate(tensors) if t is not None and not t.is_contiguous()), None)
+        if strided is not None:
+            why.append(f"{name}[{strided}] is not contiguous (it is updated in place through flat indices)")
     return why
 
 
-# --- ahead-of-time compilation specs (tests/test_triton_compile.py) --------------------------------------------------
-
-_TABLES = {"block_tensor_ptr": "*i64", "first_block_ptr": "*i64", "numel_ptr": "*i64"}
-
-
-def _adamw_spec(
-    name: str, param: str, select: int, dense_loads: bool, step_on_device: bool = False, aligned: bool = True
-) -> CompileSpec:
-    signature = {
-        "table_ptr": "*i64",
-        "param_anchor_ptr": f"*{param}",
-        "grad_anchor_ptr": f"*{param}",
-        "exp_avg_anchor_ptr": "*fp32",
-        "exp_avg_sq_anchor_ptr": "*fp32",
-        **_TABLES,
-        "state_ptr": "*i32",
-        "step_ptr": "*fp32",
-        **{
-            a: "fp32"
-            for a in (
-                "lr",
-                "beta1",
-                "beta2",
-                "one_minus_beta1",
-                "one_minus_beta2",
-                "eps",
-                "decay",
-                "bias_correction1",
-                "bias_correction2",
-                "log_beta1",
-                "log_beta2",
-            )
-        },
-    }
-    constexprs = {
-        "SELECT": select,
-        "DENSE_LOADS": dense_loads,
-        "STEP_ON_DEVICE": step_on_device,
-        "ALIGNED": aligned,
-        "BLOCK": BLOCK,
-    }
-    return CompileSpec(name, _masked_adamw_kernel, signature, constexprs, num_warps=NUM_WARPS)
+def masked_adamw_not_supported_reasons(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    step: float | torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
+) -> list[str]:
+    """Why these (validated) inputs cannot run here; empty when they can."""
+    return _reasons((("params", params), ("grads", grads)), (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)))
 
 
-def _sgd_spec(name: str, select: int, dense_loads: bool, has_momentum: bool) -> CompileSpec:
-    signature = {
-        "table_ptr": "*i64",
-        "param_anchor_ptr": "*fp32",
-        "grad_anchor_ptr": "*fp32",
-        "buffer_anchor_ptr": "*fp32",
-        **_TABLES,
-        "state_ptr": "*i32",
-        "lr": "fp32",
-        "momentum": "fp32",
-        "weight_decay": "fp32",
-    }
-    constexprs = {
-        "SELECT": select,
-        "DENSE_LOADS": dense_loads,
-        "HAS_MOMENTUM": has_momentum,
-        "ALIGNED": True,
-        "BLOCK": BLOCK,
-    }
-    return CompileSpec(name, _masked_sgd_kernel, signature, constexprs, num_warps=NUM_WARPS)
-
-
-def _radix_spec(name: str, grad: str, shift: int, bits: int, first: bool, aligned: bool = True) -> CompileSpec:
-    signature = {
-        "table_ptr": "*i64",
-        "grad_anchor_ptr": f"*{grad}",
-        **{k: "*i64" for k in ("block_tensor_ptr", "first_block_ptr", "numel_ptr", "k_ptr")},
-        "hist_ptr": "*i32",
-        "counter_ptr": "*i32",
-        "state_ptr": "*i32",
-    }
-    constexprs = {
-        "TABLE_WIDTH": 5,
-        "GRAD_COLUMN": 1,
-        "SHIFT": shift,
-        "BITS": bits,
-        "FIRST": first,
-        "ALIGNED": aligned,
-        "BLOCK": BLOCK,
-        "MAX_BINS": MAX_BINS,
-    }
-    return CompileSpec(name, _radix_pass_kernel, signature, constexprs, num_warps=NUM_WARPS)
-
-
-_ALL, _MASK, _THRESHOLD = SELECT_ALL.value, SELECT_MASK.value, SELECT_THRESHOLD.value
-COMPILE_SPECS = [
-    _adamw_spec("masked_adamw_all_fp32", "fp32", _ALL, True),
-    _adamw_spec("masked_adamw_all_fp32_unaligned", "fp32", _ALL, True, aligned=False),
-    _adamw_spec("masked_adamw_mask_bf16", "bf16", _MASK, False),
-    _adamw_spec("masked_adamw_sparse_threshold_device_step", "fp32", _THRESHOLD, False, step_on_device=True),
-    _adamw_spec("masked_adamw_dense_threshold_fp16", "fp16", _THRESHOLD, True),
-    _sgd_spec("masked_sgd_momentum_mask", _MASK, False, True),
-    _sgd_spec("masked_sgd_threshold", _THRESHOLD, True, False),
-    _radix_spec("radix_pass_first_fp32", "fp32", *RADIX_PASSES[0], True),
-    _radix_spec("radix_pass_middle_bf16", "bf16", *RADIX_PASSES[1], False),
-    _radix_spec("radix_pass_last_fp16_unaligned", "fp16", *RADIX_PASSES[2], False, aligned=False),
-    CompileSpec(
-        "index_mask",
-        _index_mask_kernel,
-        {
-            "index_table_ptr": "*i64",
-            "index_anchor_ptr": "*i64",
-            "block_list_ptr": "*i64",
-            "first_block_ptr": "*i64",
-            "length_ptr": "*i64",
-            "bound_ptr": "*i64",
-            "dest_ptr": "*i64",
-            "scratch_ptr": "*u8",
-        },
-        {"BLOCK": BLOCK},
-        num_warps=NUM_WARPS,
-    ),
-]
+def masked_sgd_not_supported_reasons(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor | None] | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    density: float | None = None,
+) -> list[str]:
+    """Why these (validated) inputs cannot run here; empty when they can (the buffers count only with momentum)."""
+    states = (("momentum_buffers", momentum_buffers),) if momentum != 0.0 else ()
+    return _reasons((("params", params), ("grads", grads)), states)

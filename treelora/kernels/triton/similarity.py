@@ -17,7 +17,11 @@ distance pass.
 
 Out-of-range gathered indices cannot be checked without a host synchronisation; such a layer returns NaN instead of
 reading out of bounds. All arithmetic is fp32 after loading (fp16/bf16 banks are upcast right after the load, which
-also keeps the CPU interpreter exact, see ``_triton_utils``).
+also keeps the CPU interpreter exact).
+
+Every launch runs inside :func:`treelora.kernels.env.device_guard` of the query's device. Order of this file: constants
+→ ``@triton.jit`` kernels → launchers and the backend's entry points (``pairwise_similarity``,
+``accumulate_and_compare_``) → their ``*_not_supported_reasons``. Compile specs live in ``compile_specs.py``.
 """
 
 from __future__ import annotations
@@ -28,28 +32,21 @@ import torch
 import triton
 import triton.language as tl
 
-from treelora.kernels._triton_utils import CompileSpec
-from treelora.ops._validation import KERNEL_DTYPES
+from treelora.kernels import env
+from treelora.kernels.constants import METRIC_CODES, SIMILARITY_EPS, dtype_message
 
-# Metric codes of the kernel (constexpr so the kernel can compare against them); NORMS and L1_NORMALIZED are the two
-# passes of "l1_normalized".
-DOT = tl.constexpr(0)
-L1 = tl.constexpr(1)
-SQEUCLIDEAN = tl.constexpr(2)
-COSINE = tl.constexpr(3)
-NORMS = tl.constexpr(4)
-L1_NORMALIZED = tl.constexpr(5)
-METRIC_CODES = {
-    "dot": DOT.value,
-    "l1": L1.value,
-    "sqeuclidean": SQEUCLIDEAN.value,
-    "cosine": COSINE.value,
-    "l1_normalized": L1_NORMALIZED.value,
-}
-_NORMS_PASS = NORMS.value
+# Metric codes of the kernel: the shared codes (constants.py, also the CUDA kernels'), as constexpr so that the kernel
+# compares against them at compile time. NORMS is not a metric but the first of the two passes of "l1_normalized"
+# (the per-row L1 norms, then the distance pass L1_NORMALIZED): a code past the metrics'.
+DOT = tl.constexpr(METRIC_CODES["dot"])
+L1 = tl.constexpr(METRIC_CODES["l1"])
+SQEUCLIDEAN = tl.constexpr(METRIC_CODES["sqeuclidean"])
+COSINE = tl.constexpr(METRIC_CODES["cosine"])
+L1_NORMALIZED = tl.constexpr(METRIC_CODES["l1_normalized"])
+NORMS = tl.constexpr(max(METRIC_CODES.values()) + 1)
 # Partial sums kept per (row, program): cosine needs q·g, q·q and g·g; the norms pass ‖g‖₁ and ‖q‖₁.
 _COMPONENTS = {DOT.value: 1, L1.value: 1, SQEUCLIDEAN.value: 1, COSINE.value: 3, NORMS.value: 2, L1_NORMALIZED.value: 1}
-EPS = tl.constexpr(1e-12)  # the same clamp as the reference (treelora.ops.similarity.EPS)
+EPS = tl.constexpr(SIMILARITY_EPS)  # the clamp of every backend and of the reference
 NAN = tl.constexpr(float("nan"))
 
 # 1024 elements per tile with 4 warps: 8 elements per thread, i.e. two 16-byte loads per fp32 operand (one for bf16).
@@ -265,43 +262,44 @@ def _launch(query, sample, count, bank, index, offsets, metric, accumulate, chun
     offsets_dev, block_layer, first_block, num_programs = _block_table(offsets, chunk, device)
     counters = _arrival_counters(num_layers, device)
     code = METRIC_CODES[metric]
-    passes = (_NORMS_PASS, code) if code == METRIC_CODES["l1_normalized"] else (code,)
+    passes = (NORMS.value, code) if code == L1_NORMALIZED.value else (code,)
     norms = torch.empty(num_rows + 1, num_layers, dtype=torch.float32, device=device) if len(passes) > 1 else out
     partials = torch.empty(
         max(_COMPONENTS[p] for p in passes) * num_rows * num_programs, dtype=torch.float32, device=device
     )
     count_on_device = isinstance(count, torch.Tensor)
     aligned = all(o % 16 == 0 for o in offsets) and chunk % 16 == 0
-    for i, pass_metric in enumerate(passes):
-        _similarity_kernel[(num_programs,)](
-            query,
-            sample if sample is not None else query,
-            count if count_on_device else query,
-            1.0 if count_on_device or count is None else float(count),
-            bank,
-            bank.stride(0),
-            index if gather else offsets_dev,
-            offsets_dev,
-            block_layer,
-            first_block,
-            norms,
-            partials,
-            counters,
-            out,
-            num_rows,
-            bank.shape[0],
-            num_layers,
-            num_programs,
-            chunk,
-            METRIC=pass_metric,
-            GATHER=gather,
-            ACCUMULATE=accumulate and i == 0,
-            COUNT_ON_DEVICE=count_on_device,
-            ALIGNED=aligned,
-            BLOCK=block,
-            REDUCE_BLOCK=REDUCE_BLOCK,
-            num_warps=NUM_WARPS,
-        )
+    with env.device_guard(device):
+        for i, pass_metric in enumerate(passes):
+            _similarity_kernel[(num_programs,)](
+                query,
+                sample if sample is not None else query,
+                count if count_on_device else query,
+                1.0 if count_on_device or count is None else float(count),
+                bank,
+                bank.stride(0),
+                index if gather else offsets_dev,
+                offsets_dev,
+                block_layer,
+                first_block,
+                norms,
+                partials,
+                counters,
+                out,
+                num_rows,
+                bank.shape[0],
+                num_layers,
+                num_programs,
+                chunk,
+                METRIC=pass_metric,
+                GATHER=gather,
+                ACCUMULATE=accumulate and i == 0,
+                COUNT_ON_DEVICE=count_on_device,
+                ALIGNED=aligned,
+                BLOCK=block,
+                REDUCE_BLOCK=REDUCE_BLOCK,
+                num_warps=NUM_WARPS,
+            )
     return out
 
 
@@ -362,86 +360,32 @@ def accumulate_and_compare_(
     return _launch(mean, sample, count, bank, index, offsets, metric, True, chunk_tiles, block)[0]
 
 
-def not_supported_reasons(query, bank, metric="l1", index=None, offsets=None) -> list[str]:
-    """Why these (validated) inputs cannot run here; empty when they can."""
-    why = []
-    for name, t in (("query", query), ("bank", bank)):
-        if t.dtype not in KERNEL_DTYPES:
-            why.append(f"{name} has dtype {t.dtype}; the Triton kernels take fp32, fp16 or bf16 (fp64 runs on torch)")
-    if metric not in METRIC_CODES:
-        why.append(f"metric {metric!r} is not implemented in the Triton kernels")
-    return why
+def pairwise_similarity_not_supported_reasons(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    metric: str = "l1",
+    index: torch.Tensor | None = None,
+    offsets: tuple[int, ...] | None = None,
+) -> list[str]:
+    """Why the Triton kernels cannot run these (validated) inputs; empty when they can."""
+    named = (("query", query), ("bank", bank), ("index", index))
+    return env.triton_device_reasons(named) + env.dtype_reasons("triton kernels", named[:2])
 
 
-def accumulate_not_supported_reasons(mean, sample, count, bank, index, metric="l1", offsets=None) -> list[str]:
+def accumulate_and_compare_not_supported_reasons(
+    mean: torch.Tensor,
+    sample: torch.Tensor,
+    count: float | torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    metric: str = "l1",
+    offsets: tuple[int, ...] | None = None,
+) -> list[str]:
     """Why the fused accumulate-then-compare kernel cannot run these (validated) inputs; empty when it can."""
-    why = not_supported_reasons(mean, bank, metric, index, offsets)
+    named = (("mean", mean), ("sample", sample), ("bank", bank), ("index", index))
+    why = env.triton_device_reasons(named) + env.dtype_reasons("triton kernels", named[1:3])
     if mean.dtype != torch.float32:
-        why.append(f"mean has dtype {mean.dtype}; the Triton kernel updates an fp32 running mean")
+        why.append(dtype_message("mean", mean.dtype, (torch.float32,), " by the triton kernel (its running mean)"))
     if not mean.is_contiguous():
         why.append("mean is not contiguous (it is updated in place through flat indices)")
-    if sample.dtype not in KERNEL_DTYPES:
-        why.append(f"sample has dtype {sample.dtype}; the Triton kernel takes fp32, fp16 or bf16")
-    if isinstance(count, torch.Tensor) and count.device.type != "cpu" and count.device != mean.device:
-        why.append(f"count is on {count.device} but mean is on {mean.device}")
     return why
-
-
-# --- ahead-of-time compilation specs (tests/test_triton_compile.py) --------------------------------------------------
-
-
-def _spec(
-    name: str,
-    metric: int,
-    bank: str,
-    gather: bool,
-    accumulate: bool = False,
-    count_on_device: bool = False,
-    aligned: bool = True,
-):
-    signature = {
-        "query_ptr": "*fp32" if accumulate else "*bf16",
-        "sample_ptr": "*bf16",
-        "count_ptr": "*fp32",
-        "count": "fp32",
-        "bank_ptr": f"*{bank}",
-        "bank_stride": "i64",
-        "index_ptr": "*i64",
-        "offsets_ptr": "*i64",
-        "block_layer_ptr": "*i64",
-        "first_block_ptr": "*i64",
-        "norms_ptr": "*fp32",
-        "partial_ptr": "*fp32",
-        "counter_ptr": "*i32",
-        "out_ptr": "*fp32",
-        "num_rows": "i32",
-        "num_bank_rows": "i32",
-        "num_layers": "i32",
-        "num_programs": "i32",
-        "chunk": "i32",
-    }
-    constexprs = {
-        "METRIC": metric,
-        "GATHER": gather,
-        "ACCUMULATE": accumulate,
-        "COUNT_ON_DEVICE": count_on_device,
-        "ALIGNED": aligned,
-        "BLOCK": BLOCK,
-        "REDUCE_BLOCK": REDUCE_BLOCK,
-    }
-    return CompileSpec(name, _similarity_kernel, signature, constexprs, num_warps=NUM_WARPS)
-
-
-# One specialisation per code path: every metric and pass in the full form, the gathered form aligned and not, and
-# the fused accumulate with a host and a device count; bank dtypes spread over fp32, bf16 and fp16.
-COMPILE_SPECS = [
-    *(_spec(f"similarity_full_{m}_fp32", c, "fp32", False) for m, c in METRIC_CODES.items() if m != "l1_normalized"),
-    _spec("similarity_full_norms_bf16", _NORMS_PASS, "bf16", False),
-    _spec("similarity_full_l1_normalized_bf16", METRIC_CODES["l1_normalized"], "bf16", False),
-    _spec("similarity_gathered_cosine_bf16", METRIC_CODES["cosine"], "bf16", True),
-    _spec(
-        "similarity_gathered_l1_normalized_fp16_unaligned", METRIC_CODES["l1_normalized"], "fp16", True, aligned=False
-    ),
-    _spec("similarity_accumulate_l1_fp32", METRIC_CODES["l1"], "fp32", True, accumulate=True),
-    _spec("similarity_accumulate_norms_device_count", _NORMS_PASS, "bf16", True, accumulate=True, count_on_device=True),
-]

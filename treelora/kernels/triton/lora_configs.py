@@ -1,4 +1,4 @@
-"""Kernel configurations of the Triton fused LoRA linear (``treelora/kernels/lora.py``), per GPU family and shape.
+"""Kernel configurations of the Triton fused LoRA linear (``lora.py`` beside this file), per GPU family and shape.
 
 A :class:`LoRAConfig` fixes, for one call, which base-GEMM strategy runs and the tiles of every kernel:
 
@@ -185,6 +185,11 @@ CONFIGS: dict[str, dict[ShapeBucket, LoRAConfig]] = {
     "sm90": _family_table(_SM90_MANY),
     "sm80": _family_table(_SM80_MANY),
 }
+
+
+# Shared memory per block (bytes) that each family's tiles must fit: sm86/sm89 allow 99 KB, H100 227 KB (checked on
+# the compiled kernels by tests/test_lora_triton.py).
+SHARED_MEMORY_LIMIT = {"sm80": 101376, "sm90": 232448}
 
 
 def family(capability: tuple[int, int] | None) -> str:
