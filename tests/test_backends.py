@@ -120,7 +120,7 @@ def test_a_family_registers_in_one_call_and_imports_its_modules_only_when_asked(
     after its package's environment check, and its entry points and reasons are looked up by the op's name."""
     package = tmp_path / "toy_backend_pkg"
     package.mkdir()
-    (package / "__init__.py").write_text("def environment_reasons():\n    return []\n")
+    (package / "__init__.py").write_text("REASONS = []\n\ndef environment_reasons():\n    return list(REASONS)\n")
     (package / "mod.py").write_text(
         "def toy_a(x):\n    return 2 * x\n\n"
         "def toy_a_not_supported_reasons(x):\n    return []\n\n"
@@ -136,6 +136,8 @@ def test_a_family_registers_in_one_call_and_imports_its_modules_only_when_asked(
         assert "toy_backend_pkg.mod" in sys.modules
         assert backends.select("toy_a", 3).fn(3) == 6
         assert backends.select("toy_b_", 3).fn(3) == 4
+        sys.modules["toy_backend_pkg"].REASONS.append("no toy device")  # asked first, also once the module is in
+        assert backends.explain("toy_b_", 3) == {"torch": ["no toy device"]}
         with pytest.raises(ValueError, match="already registered by family 'toy_lazy'"):
             backends.register_family("other", ops=("toy_a",), torch="toy_backend_pkg.mod")
         with pytest.raises(ValueError, match="torch backend is required"):

@@ -61,24 +61,23 @@ class Backend:
 
     def __init__(self, family: str, op: str, name: str, module: ModuleRef, entries: Sequence[str]) -> None:
         self.family, self.op, self.name, self.entries = family, op, name, tuple(entries)
-        self._module = module
+        self._ref = module
+        self._module = None if isinstance(module, str) else module
 
     def __repr__(self) -> str:
         return f"Backend(op={self.op!r}, name={self.name!r})"
 
     @property
     def module(self) -> Any:
-        if isinstance(self._module, str):
-            self._module = importlib.import_module(self._module)
+        if self._module is None:
+            self._module = importlib.import_module(self._ref)
         return self._module
 
     def environment(self) -> list[str]:
-        """Reasons that hold whatever the input (from the package of a module given by path; nothing imported)."""
-        if isinstance(self._module, str):
-            package = importlib.import_module(self._module.rpartition(".")[0])
-            check: Callable[[], list[str]] | None = getattr(package, "environment_reasons", None)
-        else:
-            check = getattr(self._module, "environment_reasons", None)
+        """Reasons that hold whatever the input: from the package of a module given by path (the module itself is
+        not imported), or from the object's own ``environment_reasons`` when one is given."""
+        owner = importlib.import_module(self._ref.rpartition(".")[0]) if isinstance(self._ref, str) else self._ref
+        check: Callable[[], list[str]] | None = getattr(owner, "environment_reasons", None)
         return list(check()) if check is not None else []
 
     def reasons(self, *args: Any, **kwargs: Any) -> list[str]:
