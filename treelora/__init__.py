@@ -1,4 +1,10 @@
-"""treelora: TreeLoRA continual learning with fused LoRA, gradient-similarity and sparse-update kernels."""
+"""treelora: TreeLoRA continual learning with fused LoRA, gradient-similarity and sparse-update kernels.
+
+This file is the package's front door, above every layer (tests/test_layering.py): it imports the ops and the backend
+switch eagerly (cheap: torch only, no triton) and every other subpackage lazily, on first attribute access
+(``treelora.nn``, ``treelora.cl``, ...), so that ``import treelora`` costs no more than the ops. Modules inside the
+package import what they need from its layers, never from here.
+"""
 
 from __future__ import annotations
 

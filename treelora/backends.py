@@ -43,7 +43,8 @@ class BackendUnavailableError(RuntimeError):
 
 
 def reasons_name(op: str) -> str:
-    """The name of op ``op``'s reasons function in a backend module (``masked_adamw_`` -> ``masked_adamw_...``)."""
+    """The name of op ``op``'s reasons function in a backend module (``masked_adamw_`` ->
+    ``masked_adamw_not_supported_reasons``)."""
     return f"{op.rstrip('_')}_not_supported_reasons"
 
 
@@ -54,8 +55,8 @@ ModuleRef = Union[str, Any]
 class Backend:
     """One backend of one op: its module's entry points, looked up on first use.
 
-    ``backend.module`` is the backend module, ``backend.fn`` its first entry point for this op, ``backend.<entry>``
-    any entry point; ``reasons(*args, **kwargs)`` says why it cannot run the op's arguments, ``environment()`` the
+    ``backend.module`` is the backend module, ``backend.fn`` its first entry point for this op (``entries`` names
+    them all); ``reasons(*args, **kwargs)`` says why it cannot run the op's arguments, ``environment()`` the
     input-independent part (``python -m treelora info``).
     """
 
@@ -86,11 +87,6 @@ class Backend:
     @property
     def fn(self) -> Callable[..., Any]:
         return getattr(self.module, self.entries[0])
-
-    def __getattr__(self, entry: str) -> Callable[..., Any]:
-        if entry.startswith("_") or entry not in self.__dict__.get("entries", ()):
-            raise AttributeError(f"backend {self.name!r} of {self.op!r} has no entry point {entry!r}")
-        return getattr(self.module, entry)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
