@@ -15,13 +15,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
+from treelora._io import atomic_write
 from treelora.nn.inject import check_wrappable, freeze_base_parameters, parent_index, replace_module
 from treelora.nn.layer import LoRALinear, check_alpha, check_dropout, check_rank
 
@@ -103,18 +103,6 @@ def _modules_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mod
     return found
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -189,14 +177,14 @@ def save_adapter(
     meta = {"format": "pt", METADATA_KEY: json.dumps({"version": METADATA_VERSION, "layers": layers_meta})}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
-    def write_config(tmp: str) -> None:
+    def write_config(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
 
-    _atomic_write(out / CONFIG_NAME, write_config)
+    atomic_write(out / CONFIG_NAME, write_config)
 
 
 def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
