@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from treelora import ops
+from treelora.cl._checks import check_choice, check_int
 from treelora.ops.similarity import IS_DISTANCE, METRICS
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,14 +50,12 @@ class TaskBank:
         initial_capacity: int = 4,
     ) -> None:
         for name, value in (("num_layers", num_layers), ("width", width), ("initial_capacity", initial_capacity)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, value, low=1)
         if dtype not in STORAGE_DTYPES.values():
             raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-        if max_tasks is not None and (isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1):
-            raise ValueError(f"max_tasks must be None or an int >= 1, got {max_tasks!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if max_tasks is not None:
+            check_int("max_tasks", max_tasks, low=1)
+        check_choice("metric", metric, METRICS)
         self.num_layers, self.width = num_layers, width
         self.device, self.dtype = torch.device(device), dtype
         self.keep_snapshots, self.max_tasks, self.metric = keep_snapshots, max_tasks, metric

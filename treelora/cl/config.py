@@ -7,10 +7,10 @@ numbers). The table in :class:`TreeLoRAConfig`'s docstring lists every option wi
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from treelora.cl._checks import check_bool, check_choice, check_int, check_number
 from treelora.ops.similarity import METRICS
 
 SIGNATURES = ("grad", "delta", "param")
@@ -233,17 +233,14 @@ class TreeLoRAConfig:
             "official_signed",
             "keep_snapshots",
         ):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"TreeLoRAConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        self._check_int("leaf_size", low=1)
-        self._check_int("seed", low=0)
+            check_bool(f"TreeLoRAConfig.{name}", getattr(self, name))
+        check_int("TreeLoRAConfig.leaf_size", self.leaf_size, low=1)
+        check_int("TreeLoRAConfig.seed", self.seed, low=0)
         if self.max_tasks is not None:
-            self._check_int("max_tasks", low=1)
-        self._check_number("lcb_c", low=0.0)
-        self._check_number("reg_lambda", low=0.0)
-        density = self._check_number("update_density")
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"TreeLoRAConfig.update_density must be in (0, 1], got {self.update_density!r}")
+            check_int("TreeLoRAConfig.max_tasks", self.max_tasks, low=1)
+        check_number("TreeLoRAConfig.lcb_c", self.lcb_c, low=0.0)
+        check_number("TreeLoRAConfig.reg_lambda", self.reg_lambda, low=0.0)
+        check_number("TreeLoRAConfig.update_density", self.update_density, low=0.0, high=1.0, low_open=True)
         if self.accumulator == "scaled_sum" and self.signature_window != "last_epoch":
             raise ValueError(
                 "TreeLoRAConfig.accumulator='scaled_sum' sums x / steps_per_epoch and is a mean only over one epoch: "
@@ -258,24 +255,7 @@ class TreeLoRAConfig:
     # --- validation helpers ---------------------------------------------------------------------------------------
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise ValueError(f"TreeLoRAConfig.{name} must be one of {choices}, got {value!r}")
-
-    def _check_int(self, name: str, low: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"TreeLoRAConfig.{name} must be an int, got {value!r}")
-        if value < low:
-            raise ValueError(f"TreeLoRAConfig.{name} must be >= {low}, got {value!r}")
-
-    def _check_number(self, name: str, low: float | None = None) -> float:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"TreeLoRAConfig.{name} must be a finite number, got {value!r}")
-        if low is not None and value < low:
-            raise ValueError(f"TreeLoRAConfig.{name} must be >= {low}, got {value!r}")
-        return float(value)
+        check_choice(f"TreeLoRAConfig.{name}", getattr(self, name), choices)
 
     # --- presets --------------------------------------------------------------------------------------------------
 
@@ -309,9 +289,7 @@ class TreeLoRAConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TreeLoRAConfig:
         """``paper`` or ``official``, with overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
-        return getattr(cls, name)(**overrides)
+        return getattr(cls, check_choice("preset", name, PRESETS))(**overrides)
 
     # --- serialisation --------------------------------------------------------------------------------------------
 

@@ -25,15 +25,14 @@ from typing import Any
 
 import torch
 
+from treelora.cl._checks import check_choice, check_int, check_number
 from treelora.cl.tree import GradientTree
 
 TIE_BREAKS = ("random", "first")
 
 
 def _check_layers(num_layers: int) -> int:
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
-    return num_layers
+    return check_int("num_layers", num_layers, low=1)
 
 
 def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -114,11 +113,8 @@ class LCBSearch(_Search):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_layers, tree.device, generator)
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
-            raise ValueError(f"c must be a finite number >= 0, got {c!r}")
-        if tie_break not in TIE_BREAKS:
-            raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
-        self.tree, self.c, self.tie_break = tree, float(c), tie_break
+        self.c = check_number("c", c, low=0.0)
+        self.tree, self.tie_break = tree, check_choice("tie_break", tie_break, TIE_BREAKS)
         # Search nodes: the tree's nodes, then one virtual single-task child per task of every multi-task leaf.
         children: list[list[int]] = []
         depth: list[int] = []
@@ -265,10 +261,8 @@ class SoftmaxSampler(_Search):
     ) -> None:
         device = torch.device(device) if device is not None else (tree.device if tree is not None else "cpu")
         super().__init__(num_layers, device, generator)
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+        check_int("num_tasks", num_tasks, low=1)
+        check_int("steps_per_epoch", steps_per_epoch, low=1)
         if tree is not None and tree.num_tasks != num_tasks:
             raise ValueError(f"tree holds {tree.num_tasks} tasks but num_tasks is {num_tasks}")
         self.num_tasks, self.steps_per_epoch = num_tasks, steps_per_epoch
@@ -337,9 +331,7 @@ class RandomSearch(_Search):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(num_layers, torch.device(device), generator)
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-        self.num_tasks = num_tasks
+        self.num_tasks = check_int("num_tasks", num_tasks, low=1)
         self.stats = torch.zeros(num_tasks, self.num_layers, 2, device=self.device)
 
     def select(self) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from treelora import ops
+from treelora.cl._checks import check_choice, check_int
 from treelora.ops.similarity import METRICS
 
 SPLITS = ("principal", "mean_distance", "mean_dot")
@@ -209,14 +210,11 @@ class GradientTree:
         T, L, D = G.shape
         if T == 0 or L == 0 or D == 0:
             raise ValueError(f"G must hold at least one task, module and element, got shape {tuple(G.shape)}")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(leaf_size, bool) or not isinstance(leaf_size, int) or leaf_size < 1:
-            raise ValueError(f"leaf_size must be an int >= 1, got {leaf_size!r}")
-        if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0):
-            raise ValueError(f"max_depth must be None or an int >= 0, got {max_depth!r}")
+        check_choice("split", split, SPLITS)
+        check_choice("metric", metric, METRICS)
+        check_int("leaf_size", leaf_size, low=1)
+        if max_depth is not None:
+            check_int("max_depth", max_depth, low=0)
         if not bool(torch.isfinite(G).all()):
             raise ValueError("G holds NaN or inf values: a signature was accumulated from non-finite gradients")
         X = consecutive_differences(G) if use_differences else G

@@ -9,7 +9,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from treelora.data.stream import DataError, Stream, class_incremental_split
+from treelora.data.stream import DataError, Stream, check_count, class_incremental_split
 
 # Pixel values in the data run 0..16 (counts of set pixels in 4x4 blocks of the 32x32 original).
 PIXEL_MAX = 16.0
@@ -32,6 +32,7 @@ def split_digits(classes_per_task: int = 2, test_fraction: float = 0.3, seed: in
         test_fraction: share of each class held out for testing (stratified; the split is fixed by ``seed``).
         seed: seeds the held-out split. The class order is always 0..9.
     """
+    check_count("classes_per_task", classes_per_task, optional=False)
     if classes_per_task not in (1, 2, 5, 10):
         raise DataError(f"classes_per_task must divide the 10 digit classes (1, 2, 5 or 10), got {classes_per_task}")
     x, y = load_digits_tensors()

@@ -14,6 +14,7 @@ tasks a continual learner sees. Two kinds of task:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -24,7 +25,20 @@ TRACE_SPLITS = ("train", "eval", "test")
 
 
 class DataError(ValueError):
-    """Bad stream input (unknown name, missing file, malformed content); the message names the problem."""
+    """Bad stream input (unknown name, missing file, malformed content, an option out of range); the message names
+    the problem. A builder option of the wrong Python type raises TypeError instead."""
+
+
+def check_count(name: str, value: Any, low: int = 1, optional: bool = True) -> int | None:
+    """A builder's integer option (a size, a seed): TypeError unless an int (or None when ``optional``), DataError
+    when below ``low``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {value!r}")
+    if value < low:
+        raise DataError(f"{name} must be >= {low}, got {value}")
+    return value
 
 
 @dataclass
@@ -173,6 +187,8 @@ def class_incremental_split(
     Returns:
         a classification :class:`Stream` whose labels are the original class ids.
     """
+    check_count("classes_per_task", classes_per_task, optional=False)
+    check_count("seed", seed, low=0, optional=False)
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.dim() != 1 or len(inputs) != labels.numel():
         raise DataError(
@@ -181,6 +197,8 @@ def class_incremental_split(
     num_classes = int(labels.max().item()) + 1 if labels.numel() else 0
     if classes_per_task < 1 or num_classes % classes_per_task:
         raise DataError(f"classes_per_task={classes_per_task} must be >= 1 and divide the {num_classes} classes")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
+        raise TypeError(f"test_fraction must be a number, got {test_fraction!r}")
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     g = torch.Generator().manual_seed(seed)
@@ -268,6 +286,11 @@ def load_trace(
         max_train, max_test: keep at most this many items per task (a seeded random subset).
         seed: seeds the subsets.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path, got {type(path).__name__}")
+    check_count("max_train", max_train)
+    check_count("max_test", max_test)
+    check_count("seed", seed, low=0, optional=False)
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"TRACE folder {root} does not exist or is not a directory")

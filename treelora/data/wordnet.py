@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from treelora.data.stream import DataError, LabelledData, Stream, Task
+from treelora.data.stream import DataError, LabelledData, Stream, Task, check_count
 
 SUPERSENSE_TASKS: tuple[tuple[str, ...], ...] = (
     ("noun.animal", "noun.plant", "noun.food", "noun.artifact"),
@@ -78,9 +78,9 @@ def wordnet_supersense(
         raise DataError(f"difficulty must be 'common' or 'rare', got {difficulty!r}")
     if text not in TEXT_FORMATS:
         raise DataError(f"text must be one of {TEXT_FORMATS}, got {text!r}")
-    for arg, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
-        if value is not None and value < 1:
-            raise DataError(f"{arg} must be >= 1, got {value}")
+    check_count("train_per_class", train_per_class)
+    check_count("test_per_class", test_per_class)
+    check_count("seed", seed, low=0, optional=False)
     order = list(range(len(SUPERSENSE_TASKS))) if tasks is None else [int(t) for t in tasks]
     if not order or any(not 0 <= t < len(SUPERSENSE_TASKS) for t in order) or len(set(order)) != len(order):
         raise DataError(f"tasks must be distinct indices in 0..{len(SUPERSENSE_TASKS) - 1}, got {list(order)}")
@@ -150,9 +150,9 @@ def wordnet_instruct(
     unknown = [t for t in order if t not in INSTRUCT_TASKS]
     if unknown or not order or len(set(order)) != len(order):
         raise DataError(f"tasks must be distinct names from {INSTRUCT_TASKS}, got {order}")
-    for arg, value in (("train_per_task", train_per_task), ("test_per_task", test_per_task)):
-        if value is not None and value < 1:
-            raise DataError(f"{arg} must be >= 1, got {value}")
+    check_count("train_per_task", train_per_task)
+    check_count("test_per_task", test_per_task)
+    check_count("seed", seed, low=0, optional=False)
     data = json.loads(_read_bytes("wordnet_instruct.json.gz"))
     g = torch.Generator().manual_seed(seed)
     stream_tasks = [
