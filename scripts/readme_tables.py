@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from treelora.cl import method_label
+
 INSTRUCT_ARGS = ["--stream", "wordnet-instruct", "--model", "smollm2-135m"]
 # name -> (extra `treelora run` arguments, methods)
 TABLES: dict[str, dict[str, tuple[list[str], str]]] = {
@@ -58,7 +60,6 @@ COLUMNS = [
     ("train_time", "train time (s)", 1.0),
     ("peak_memory_mib", "peak memory (MiB)", 1.0),
 ]
-LABELS = {"treelora": "TreeLoRA", "seqlora": "SeqLoRA", "olora": "O-LoRA", "ewc": "EWC", "joint": "Joint"}
 
 
 def _run(variant_dir: Path, extra: list[str], methods: str, seed: int, resume: bool) -> float:
@@ -114,7 +115,7 @@ def main() -> None:
             machine = machine or payload["machine"]
             commands.append(payload["command"])
             for r in payload["results"]:
-                key = (variant, LABELS.get(r["method"], r["method"]))
+                key = (variant, method_label(r["method"]))
                 cell = rows.setdefault(key, {c: [] for c, _, _ in COLUMNS})
                 m = r["metrics"]
                 cell["acc"].append(m.get("acc"))

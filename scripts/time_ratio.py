@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from treelora.cl.trainer import Trainer, TrainerConfig
+from treelora.cl import Trainer, TrainerConfig
 from treelora.cli import STREAM_DEFAULTS
 from treelora.data import get_stream
 from treelora.models import load_model
@@ -49,7 +49,7 @@ def main() -> None:
     for k in range(len(stream)):
         for method, trainer in trainers.items():
             start = time.perf_counter()
-            trainer._train_task(k, [k], method)
+            trainer.train_task(k, label=method)
             seconds[method].append(time.perf_counter() - start)
         print(
             f"task {k + 1}: TreeLoRA {seconds['treelora'][-1]:.2f} s, SeqLoRA {seconds['seqlora'][-1]:.2f} s, "

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from treelora import data
-from treelora.cl import EWC, JointTraining, OLoRA, OptimizerConfig, SeqLoRA
-from treelora.cl.trainer import Trainer, TrainerConfig
+from treelora.cl import EWC, JointTraining, OLoRA, OptimizerConfig, SeqLoRA, Trainer, TrainerConfig
 from treelora.models import load_model
 from treelora.nn import LoRALinear
 
@@ -192,7 +191,7 @@ def _tiny_trainer(method, **options):
 )
 def test_method_loss_on_a_tiny_model_after_the_first_task(method, options):
     trainer = _tiny_trainer(method, **options)
-    trainer._train_task(0, [0], "task 1")
+    trainer.train_task(0, [0], "task 1")
     trainer.method.begin_task(1, 1, 1)
     m = trainer.method
     if method == "ewc":
@@ -200,8 +199,8 @@ def test_method_loss_on_a_tiny_model_after_the_first_task(method, options):
             for p in m.adapter_parameters():
                 p.add_(0.01)
     trainer.model.eval()
-    batch = trainer._classification_batch([(1, i) for i in range(8)], "train")
-    task_loss = trainer._classification_loss(batch, 1)
+    batch = trainer.batches.classification([(1, i) for i in range(8)], "train")
+    task_loss = trainer.heads.loss(trainer.loaded.features(batch), batch["labels"], batch["task"], 1)
     total = m.before_backward(task_loss)
     with torch.no_grad():
         if method == "olora":

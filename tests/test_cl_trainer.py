@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from treelora import data
-from treelora.cl.trainer import Progress, Trainer, TrainerConfig
+from treelora.cl.objectives import causal_lm_loss
+from treelora.cl.progress import Progress
+from treelora.cl.trainer import Trainer, TrainerConfig, lr_factor
 from treelora.models import load_model
 
 METHODS = ["seqlora", "olora", "ewc", "treelora"]
@@ -59,7 +61,7 @@ def test_class_incremental_evaluation_lets_every_seen_class_compete():
     test = stream.tasks[0].test
     with torch.no_grad():
         trainer.model.eval()
-        batch = trainer._classification_batch([(0, i) for i in range(len(test))], "test")
+        batch = trainer.batches.classification([(0, i) for i in range(len(test))], "test")
         features = trainer.loaded.features(batch)
         logits = torch.cat([trainer.heads[k](features) for k in range(len(stream))], dim=1)
         classes = torch.tensor([c for t in stream.tasks for c in t.classes])
@@ -71,8 +73,8 @@ def test_causal_loss_is_the_cross_entropy_of_the_answer_tokens_only():
     stream = data.wordnet_instruct(train_per_task=4, test_per_task=2, tasks=["antonym"])
     trainer = _trainer(stream=stream, model="llama-tiny", max_length=512)  # byte tokens: no prompt is cut
     items = [(0, 0), (0, 1)]
-    batch = trainer._instruct_batch(items, "train")
-    loss = trainer._causal_loss(batch)
+    batch = trainer.batches.instruct(items, "train")
+    loss = causal_lm_loss(trainer.model, batch)
     tok = trainer.loaded.tokenizer
     total, count = 0.0, 0
     for _, i in items:
@@ -92,7 +94,7 @@ def test_multiple_choice_scores_match_unbatched_log_likelihoods():
     # batches of 5 sequences cut across questions; byte tokens and max_length 512: no prompt is cut
     trainer = _trainer(stream=stream, model="llama-tiny", eval_batch_size=5, max_length=512)
     items = stream.tasks[0].test
-    scores = trainer.option_scores(items)
+    scores = trainer.evaluator.option_scores(items)
     tok = trainer.loaded.tokenizer
     for item, got in zip(items, scores):
         expected = []
@@ -128,7 +130,7 @@ def test_joint_training_trains_once_on_every_task():
 
 def test_max_steps_and_schedule():
     trainer = _trainer(epochs=3, max_steps_per_task=4, schedule="linear", warmup_ratio=0.25)
-    assert [trainer._lr_factor(s, 4) for s in range(4)] == pytest.approx([0.5, 1.0, 2 / 3, 1 / 3])
+    assert [lr_factor(s, 4, "linear", 0.25) for s in range(4)] == pytest.approx([0.5, 1.0, 2 / 3, 1 / 3])
     assert trainer.run().steps == [4, 4, 4]
 
 
@@ -172,7 +174,7 @@ def test_resume_after_a_crash_reaches_the_same_results(tmp_path, method):
     assert (
         result.peak_memory_bytes >= torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["peak_memory"] > 0
     )
-    for a, b in zip(full._adapter_state().items(), resumed._adapter_state().items()):
+    for a, b in zip(full.adapter_state().items(), resumed.adapter_state().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt"]  # no temporary files left
 

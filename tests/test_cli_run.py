@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import treelora
 from treelora import cli
+from treelora.cl import RunInterrupted
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = [
@@ -119,6 +122,11 @@ def _trace_with(tmp_path, broken: str) -> Path:
         (["--methods", "SeqLoRA,seqlora"], "lists a method twice"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--method-option", "lambda"], "expects key=value"),
+        (
+            ["--method-option", "lambda_orth=0.3"],
+            "method option 'lambda_orth' does not apply to TreeLoRA or SeqLoRA (it is an option of O-LoRA)",
+        ),
+        (["--method-option", "reg_lambda=-1"], "TreeLoRAConfig.reg_lambda must be in [0, inf)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv, message):
@@ -129,6 +137,67 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("treelora run: error: ") and message in lines[0], err
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--methods", "SeqLoRA,EWC", "--method-option", "reg_lambda=1"],
+        ["--methods", "O-LoRA", "--method-option", "lambda_orth=strong"],
+        ["--method-option", "preset=released"],
+    ],
+)
+def test_method_options_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, argv):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the method options were checked")
+
+    monkeypatch.setattr(cli, "load_model", no_loading)
+    rc, _, err = _run(capsys, *argv, "--out", str(tmp_path / "out"), "--quiet")
+    assert rc == 2 and err.startswith("treelora run: error: --method-option: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_method_options_go_to_the_methods_that_have_them(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    argv = [*TINY, "--methods", "TreeLoRA,O-LoRA", "--method-option", "lambda_orth=0.3", "--out", str(out_dir)]
+    rc, _, _ = _run(capsys, *argv)
+    assert rc == 0
+    payload = json.loads((out_dir / "results.json").read_text())
+    assert payload["method_options"] == {"lambda_orth": 0.3}
+    assert [(r["method"], r["method_options"]) for r in payload["results"]] == [
+        ("treelora", {}),
+        ("olora", {"lambda_orth": 0.3}),
+    ]
+
+
+def test_ctrl_c_prints_one_line_with_the_last_task_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("seqlora", 2, 8, finished_methods=["treelora"])
+
+    monkeypatch.setattr(cli, "compare_methods", interrupted)
+    out_dir = tmp_path / "my run"
+    rc, _, err = _run(capsys, *TINY, "--out", str(out_dir))
+    assert rc == 130
+    resume = shlex.join(["treelora", "run", *TINY, "--out", str(out_dir), "--resume"])
+    assert err == (
+        f"treelora run: interrupted (last finished task: SeqLoRA task 3/8; finished: TreeLoRA); resume with: {resume}\n"
+    )
+
+
+def test_version_and_help_are_plain_text(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"treelora {treelora.__version__}\n"
+    for argv in ([], ["run"], ["bench"]):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--help"])
+        text = capsys.readouterr().out
+        assert "``" not in text and ":class:" not in text and ":func:" not in text, text
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert '{"prompt": "...", "answer": "..."}' in text and "train.json, eval.json and test.json" in text
+    assert "TreeLoRA, SeqLoRA, O-LoRA, EWC, Joint" in text and "exit code 130" in text
 
 
 def test_bench_without_a_benchmark_folder_is_exit_2(tmp_path, capsys):
@@ -177,3 +246,33 @@ def test_resume_after_killing_the_process_reaches_the_same_numbers(tmp_path, cap
     for a, b in zip(whole, resumed):
         assert a["method"] == b["method"] and a["R"] == b["R"] and a["losses"] == b["losses"]
         assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_run_exits_130_with_one_line_and_the_command_resumes_it(tmp_path, capsys):
+    """SIGINT to `python -m treelora run` once a checkpoint exists: exit code 130, no traceback, one line naming the
+    last checkpointed task; running the printed command finishes the run."""
+    out_dir = tmp_path / "run"
+    argv = ["run", *TINY[:2], "--train-per-class", "40", "--test-per-class", "3", "--epochs", "2", "--quiet"]
+    argv += ["--threads", "1", "--methods", "SeqLoRA", "--out", str(out_dir)]
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "treelora", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    checkpoint = out_dir / "checkpoints" / "seqlora" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"the run was not interrupted mid-way (exit {proc.returncode}): {err}"
+    completed = torch.load(checkpoint, weights_only=False)["completed"]
+    resume = shlex.join(["python", "-m", "treelora", *argv, "--resume"])
+    assert (
+        err
+        == f"treelora run: interrupted (last finished task: SeqLoRA task {completed + 1}/8); resume with: {resume}\n"
+    )
+    assert not (out_dir / "results.json").exists()
+    command = shlex.split(err.split("resume with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "treelora"]
+    assert cli.main(command[3:]) == 0 and (out_dir / "results.json").is_file()

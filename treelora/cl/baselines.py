@@ -8,19 +8,39 @@ TreeLoRA's regularizer and update rule), except in O-LoRA, whose fresh adapter p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from treelora.cl._checks import check_number
 from treelora.cl.method import ContinualMethod, OptimizerConfig
 
 
 class SeqLoRA(ContinualMethod):
-    """Sequential fine-tuning of one shared LoRA adapter per layer, task after task, with no protection against
-    forgetting: the lower bound every method should beat."""
+    """Sequential fine-tuning (SeqLoRA): one shared LoRA adapter per layer trained task after task with no protection
+    against forgetting, the lower bound every method should beat.
+
+    Its hooks: ``before_backward`` returns the task loss unchanged (no regularizer); ``step`` is one dense AdamW step
+    over the adapters and the extra parameters (task heads); the AdamW moments carry over from one task to the next;
+    the other hooks keep :class:`~treelora.cl.method.ContinualMethod`'s defaults. O-LoRA, EWC and joint training
+    build on it.
+
+    Args:
+        layers: the LoRA layers, shallowest first.
+        optimizer: AdamW settings.
+    """
 
     name = "seqlora"
+    label = "SeqLoRA"
+
+    def before_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The task loss itself: sequential fine-tuning adds no penalty."""
+        return loss
+
+    def step(self) -> None:
+        """One dense AdamW step over every parameter that has a gradient, then zero the gradients."""
+        self._adamw_step(self.parameters())
 
 
 class JointTraining(SeqLoRA):
@@ -31,10 +51,11 @@ class JointTraining(SeqLoRA):
     """
 
     name = "joint"
+    label = "Joint"
     joint = True
 
 
-class OLoRA(ContinualMethod):
+class OLoRA(SeqLoRA):
     """O-LoRA (Wang et al. 2023): a new adapter per task in the subspace orthogonal to the previous ones.
 
     At the start of every task after the first, each layer's trained adapter is pushed onto its frozen stack
@@ -55,6 +76,18 @@ class OLoRA(ContinualMethod):
     """
 
     name = "olora"
+    label = "O-LoRA"
+    option_help = {
+        "lambda_orth": "Weight of the orthogonality penalty between the new adapter and the frozen ones (>= 0).",
+        "lambda_l2": "Weight of the L2 penalty on the new adapter (>= 0).",
+    }
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        for name in ("lambda_orth", "lambda_l2"):
+            if name in options:
+                check_number(name, options[name], low=0.0)
 
     def __init__(
         self,
@@ -63,6 +96,7 @@ class OLoRA(ContinualMethod):
         lambda_orth: float = 0.5,
         lambda_l2: float = 0.0,
     ) -> None:
+        self.check_options({"lambda_orth": lambda_orth, "lambda_l2": lambda_l2})
         super().__init__(layers, optimizer)
         for i, layer in enumerate(self.layers):
             if not (hasattr(layer, "freeze_adapter") and hasattr(layer, "frozen_A")):
@@ -70,8 +104,6 @@ class OLoRA(ContinualMethod):
                     f"layers[{i}] is a {type(layer).__name__}; O-LoRA needs treelora.nn.LoRALinear layers "
                     "(a frozen adapter stack)"
                 )
-        if lambda_orth < 0 or lambda_l2 < 0:
-            raise ValueError(f"lambda_orth and lambda_l2 must be >= 0, got {lambda_orth} and {lambda_l2}")
         self.lambda_orth, self.lambda_l2 = float(lambda_orth), float(lambda_l2)
 
     def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
@@ -110,7 +142,7 @@ class OLoRA(ContinualMethod):
         return state
 
 
-class EWC(ContinualMethod):
+class EWC(SeqLoRA):
     """Online elastic weight consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018) on the LoRA parameters.
 
     After each task, the diagonal Fisher information of every adapter entry is estimated from the squared mini-batch
@@ -133,6 +165,19 @@ class EWC(ContinualMethod):
     """
 
     name = "ewc"
+    label = "EWC"
+    option_help = {
+        "ewc_lambda": "Weight lambda of the penalty (lambda / 2) sum F (theta - theta*)^2 (>= 0).",
+        "gamma": "Decay of the running Fisher information between tasks, in [0, 1] (1: a sum over tasks).",
+    }
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        if "ewc_lambda" in options:
+            check_number("ewc_lambda", options["ewc_lambda"], low=0.0)
+        if "gamma" in options:
+            check_number("gamma", options["gamma"], low=0.0, high=1.0)
 
     def __init__(
         self,
@@ -141,11 +186,8 @@ class EWC(ContinualMethod):
         ewc_lambda: float = 1.0,
         gamma: float = 1.0,
     ) -> None:
+        self.check_options({"ewc_lambda": ewc_lambda, "gamma": gamma})
         super().__init__(layers, optimizer)
-        if ewc_lambda < 0:
-            raise ValueError(f"ewc_lambda must be >= 0, got {ewc_lambda}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.ewc_lambda, self.gamma = float(ewc_lambda), float(gamma)
         self.fisher: list[torch.Tensor] | None = None
         self.anchor: list[torch.Tensor] | None = None

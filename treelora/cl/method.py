@@ -21,13 +21,15 @@ reads the trainable A and B of either.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from treelora import ops
+from treelora.cl._checks import check_int
 
 
 @dataclass
@@ -59,27 +61,72 @@ def adapter_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
     )
 
 
-class ContinualMethod:
-    """Base method: plain sequential fine-tuning of the adapters (this is SeqLoRA's behaviour).
+class ContinualMethod(abc.ABC):
+    """The interface of a continual-learning method on LoRA layers; every method subclasses it.
+
+    A subclass sets :attr:`name` and :attr:`label`, implements :meth:`before_backward` (the training loss, with the
+    method's regularizer if it has one) and :meth:`step` (the parameter update), and overrides the other hooks only
+    where it needs them. The hooks are called in the order of the module docstring; their defaults are stated on each.
+    The base class holds what every method shares: the layers, the extra trainable parameters (task heads), the
+    counters and the AdamW moments (:meth:`_adamw_step`), and their ``state_dict``.
+
+    Options: :attr:`option_help` lists the keyword options :meth:`from_options` accepts (``--method-option`` on the
+    command line, ``method_options`` of the trainer), and :meth:`check_options` validates them without any layer or
+    model, so that a bad option is reported before a model is loaded.
 
     Args:
         layers: the LoRA layers, shallowest first.
         optimizer: AdamW settings for every trainable parameter.
     """
 
-    name = "base"
+    #: registry key, lower case without separators (``treelora``, ``seqlora``, ``olora``); also saved in state_dict.
+    name: ClassVar[str]
+    #: how tables and plots name the method (``TreeLoRA``, ``O-LoRA``).
+    label: ClassVar[str]
+    #: option name -> help text of the keyword options :meth:`from_options` accepts (none by default).
+    option_help: ClassVar[Mapping[str, str]] = {}
+    #: True: the trainer trains once on the union of all tasks instead of task after task (joint training).
+    joint: ClassVar[bool] = False
 
     def __init__(self, layers: Sequence[nn.Module], optimizer: OptimizerConfig | None = None) -> None:
+        if not isinstance(getattr(type(self), "name", None), str) or not isinstance(
+            getattr(type(self), "label", None), str
+        ):
+            raise TypeError(f"{type(self).__name__} must set the class attributes name and label")
         if len(layers) == 0:
             raise ValueError("layers is empty: pass the LoRA layers returned by treelora.nn.inject_lora")
+        if optimizer is not None and not isinstance(optimizer, OptimizerConfig):
+            raise TypeError(f"optimizer must be an OptimizerConfig, got {type(optimizer).__name__}")
         self.layers = list(layers)
         self.optim = optimizer or OptimizerConfig()
         self.extra: list[nn.Parameter] = []
         self.task_id = -1
         self.epoch = 0
+        self.steps_per_epoch, self.epochs = 1, 1
         self.step_in_task = 0
         self.global_step = 0
         self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- options ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Validate keyword options without building anything. Default: every name must be in
+        :attr:`option_help` (ValueError naming the unknown ones); subclasses add value checks (TypeError for a
+        wrong type, ValueError for a wrong value)."""
+        unknown = sorted(set(options) - set(cls.option_help))
+        if unknown:
+            known = ", ".join(cls.option_help) or "none"
+            raise ValueError(f"{cls.label} has no option {', '.join(map(repr, unknown))} (its options: {known})")
+
+    @classmethod
+    def from_options(
+        cls, layers: Sequence[nn.Module], optimizer: OptimizerConfig | None = None, **options: Any
+    ) -> ContinualMethod:
+        """Build the method from keyword options (validated by :meth:`check_options`). Default:
+        ``cls(layers, optimizer, **options)``."""
+        cls.check_options(options)
+        return cls(layers, optimizer, **options)
 
     # --- parameters ----------------------------------------------------------------------------------------------
 
@@ -93,32 +140,46 @@ class ContinualMethod:
         self.extra.extend(p for p in params if id(p) not in known)
 
     def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter: the adapters, then the extra ones."""
         return self.adapter_parameters() + [p for p in self.extra if p.requires_grad]
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
+        """A task starts (``steps_per_epoch`` optimizer steps in each of ``epochs`` epochs). Default: record them and
+        restart the in-task step counter; a subclass that overrides it calls ``super().begin_task`` first."""
+        check_int("steps_per_epoch", steps_per_epoch, low=1)
+        check_int("epochs", epochs, low=1)
         self.task_id = task_id
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.step_in_task = 0
 
     def begin_epoch(self, epoch: int) -> None:
+        """An epoch of the current task starts. Default: record its index."""
         self.epoch = epoch
 
+    @abc.abstractmethod
     def before_backward(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+        """The loss to differentiate, given the task's mean loss (0-d): ``loss`` itself for a method without a
+        regularizer, else ``loss`` plus the method's penalty."""
 
     def after_backward(self) -> None:
+        """The gradients of the step are in ``.grad``; a method may read them (signatures, Fisher information).
+        Default: nothing."""
         return None
 
+    @abc.abstractmethod
     def step(self) -> None:
-        """One AdamW step over every parameter that has a gradient, then zero the gradients."""
-        self._adamw_step(self.parameters())
-        self.step_in_task += 1
-        self.global_step += 1
+        """Update the parameters from their gradients and zero the gradients (usually through
+        :meth:`_adamw_step`)."""
 
     def end_task(self) -> None:
+        """The current task's training is over. Default: nothing."""
+        return None
+
+    def learned_tree(self) -> dict[str, Any] | None:
+        """A learned task structure to report with the results, as nested dicts (TreeLoRA's tree). Default: None."""
         return None
 
     # --- optimizer -----------------------------------------------------------------------------------------------
@@ -133,7 +194,8 @@ class ContinualMethod:
     def _adamw_step(
         self, params: Sequence[torch.Tensor], density: float | None = None, dense_params: Sequence[torch.Tensor] = ()
     ) -> None:
-        """AdamW on ``params`` (top-``density`` entries by |grad| when given) and densely on ``dense_params``."""
+        """One optimizer step: AdamW on ``params`` (top-``density`` entries by |grad| when given) and densely on
+        ``dense_params``, then zero their gradients and count the step (``step_in_task``, ``global_step``)."""
         o = self.optim
         for group, rho in ((params, density), (dense_params, None)):
             group = [p for p in group if p.grad is not None]
@@ -154,6 +216,8 @@ class ContinualMethod:
             )
         for p in (*params, *dense_params):
             p.grad = None
+        self.step_in_task += 1
+        self.global_step += 1
 
     def reset_optimizer_state(self) -> None:
         self._moments.clear()

@@ -15,7 +15,7 @@ number of past tasks (bench/bench_treelora_step.py counts them).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +87,30 @@ class TreeLoRA(ContinualMethod):
     """
 
     name = "treelora"
+    label = "TreeLoRA"
+    option_help = {
+        "preset": "Starting point the other options override: 'paper' (default) or 'official' (the released code).",
+        **TreeLoRAConfig.help(),
+    }
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Names and values: ``preset`` plus any :class:`TreeLoRAConfig` field, checked by building the config."""
+        super().check_options(options)
+        cls._config_from_options(options)
+
+    @classmethod
+    def from_options(
+        cls, layers: Sequence[nn.Module], optimizer: OptimizerConfig | None = None, **options: Any
+    ) -> TreeLoRA:
+        """``TreeLoRA(layers, TreeLoRAConfig.from_preset(preset, **other_options), optimizer)``."""
+        super().check_options(options)
+        return cls(layers, cls._config_from_options(options), optimizer=optimizer)
+
+    @staticmethod
+    def _config_from_options(options: Mapping[str, Any]) -> TreeLoRAConfig:
+        rest = dict(options)
+        return TreeLoRAConfig.from_preset(rest.pop("preset", "paper"), **rest)
 
     def __init__(
         self,
@@ -132,7 +156,6 @@ class TreeLoRA(ContinualMethod):
         self._scale: torch.Tensor | None = None
         self._t_epoch = 0
         self._t_task = 0
-        self.steps_per_epoch, self.epochs = 1, 1
 
     # --- adapters -------------------------------------------------------------------------------------------------
 
@@ -158,9 +181,6 @@ class TreeLoRA(ContinualMethod):
     # --- hooks ----------------------------------------------------------------------------------------------------
 
     def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
-        for name, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         super().begin_task(task_id, steps_per_epoch, epochs)
         self._adapters = self._current_adapters()
         self._t_task = 0
@@ -213,8 +233,6 @@ class TreeLoRA(ContinualMethod):
             density=density if density < 1.0 else None,
             dense_params=[p for p in self.extra if p.requires_grad],
         )
-        self.step_in_task += 1
-        self.global_step += 1
 
     def end_task(self) -> None:
         """Store the task's signature (and adapter snapshot), rebuild the tree; with ``adapter='stacked'`` freeze the
@@ -248,6 +266,11 @@ class TreeLoRA(ContinualMethod):
             for key in old | {id(p) for p in self.adapter_parameters()}:
                 self._moments.pop(key, None)
             self._adapters = self._current_adapters()
+
+    def learned_tree(self) -> dict[str, Any] | None:
+        """The gradient-similarity tree over the finished tasks (:meth:`GradientTree.to_nested`); None before the
+        first task ends."""
+        return None if self.tree is None else self.tree.to_nested()
 
     # --- internals ------------------------------------------------------------------------------------------------
 
