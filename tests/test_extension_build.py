@@ -57,7 +57,7 @@ def test_install_without_cuda_records_why(tmp_path):
     """TREELORA_BUILD_CUDA=0 gives a pure-Python install whose `info` says the extension was skipped."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md", "CMakeLists.txt"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "CMakeLists.txt"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "csrc", src / "csrc")
