@@ -57,22 +57,31 @@ STREAM_DEFAULTS: dict[str, dict[str, Any]] = {
     "trace": {"model": "smollm2-135m", "epochs": 1, "batch_size": 8, "lr": 1e-4, "max_length": 256},
 }
 
+RUN_DESCRIPTION = """\
+Train each method on the stream's tasks in order, evaluate every task seen so far after each task,
+print the accuracy matrices and a table, and write results.json, results.csv, accuracy_matrix.png and
+tree.png into --out. With no arguments: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA.
+"""
+# Printed as written (RawDescriptionHelpFormatter keeps the folder example's layout), so lines stay under 100 columns.
 RUN_EPILOG = """\
-TRACE folders (--stream PATH): one sub-folder per task, trained in the sorted order of their names, each holding
-train.json, eval.json and test.json. Each file is a JSON list of objects {"prompt": "...", "answer": "..."}; the
-model learns to continue the prompt with " " + answer. When every test item also has an "options" list (containing
-the answer), the task is scored as multiple choice (the option the model finds most likely); otherwise by exact
-match of the greedy answer. eval.json is read and checked but not scored. --train-per-task / --test-per-task keep a
-seeded random subset. Example:
+TRACE folders (--stream PATH): one sub-folder per task, trained in the sorted order of their names,
+each holding train.json, eval.json and test.json. Each file is a JSON list of objects
+{"prompt": "...", "answer": "..."}; the model learns to continue the prompt with " " + answer. When
+every test item also has an "options" list (containing the answer), the task is scored as multiple
+choice (the option the model finds most likely); otherwise by exact match of the greedy answer.
+eval.json is read and checked but not scored. --train-per-task / --test-per-task keep a seeded
+random subset. Example:
 
   my-trace/
     translate/train.json  translate/eval.json  translate/test.json
     sentiment/train.json  sentiment/eval.json  sentiment/test.json
 
   [{"prompt": "Translate to French: cat", "answer": "chat"},
-   {"prompt": "Is 'great film' positive or negative?", "answer": "positive", "options": ["positive", "negative"]}]
+   {"prompt": "Is 'great film' positive or negative?", "answer": "positive",
+    "options": ["positive", "negative"]}]
 
-Ctrl-C stops a run with one line naming the last finished task and the command that resumes it (exit code 130).
+Ctrl-C stops a run with one line naming the last finished task and the command that resumes it
+(exit code 130).
 """
 
 
@@ -315,9 +324,7 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="continual learning: train methods task after task on a stream and compare them",
-        description="Train each method on the stream's tasks in order, evaluate every task seen so far after each "
-        "task, print the accuracy matrices and a table, and write results.json, results.csv, accuracy_matrix.png and "
-        "tree.png into --out. With no arguments: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA.",
+        description=RUN_DESCRIPTION,
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
