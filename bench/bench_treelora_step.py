@@ -5,7 +5,7 @@ Benchmarks (provider ``treelora-torch`` on CPU; on a GPU the ops pick their fast
 * ``test_step_vs_plain_lora``: one training step (forward, TreeLoRA's before_backward, backward, after_backward,
   AdamW step) of a 6-layer BERT-sized encoder built from a ``BertConfig`` (hidden 768, 12 heads, seq 128; LoRA r = 8
   on query and value: L = 12 modules) with 10 past tasks in the bank, against the same step with the plain
-  :class:`treelora.cl.ContinualMethod` (SeqLoRA) on the same model, run back to back in alternating order; the
+  :class:`treelora.cl.SeqLoRA` on the same model, run back to back in alternating order; the
   target is on the median of the per-round ratios (medians of each are recorded too). Target: TreeLoRA's step <= 1.05x
   the plain step.
 * ``test_bookkeeping_vs_past_tasks``: TreeLoRA's own work per step (select, observe the distances, regularizer
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from conftest import alternating_medians, record, synchronized
 from torch import nn
 
-from treelora.cl import ContinualMethod, GradientTree, TreeLoRA, TreeLoRAConfig
+from treelora.cl import ContinualMethod, GradientTree, SeqLoRA, TreeLoRA, TreeLoRAConfig
 from treelora.nn import inject_lora
 
 HAS_CUDA = torch.cuda.is_available()
@@ -156,7 +156,7 @@ def paired_times(first: Callable[[], object], second: Callable[[], object], roun
 @pytest.mark.parametrize("shape", BERT_SHAPES)
 def test_step_vs_plain_lora(benchmark, shape, preset):
     model, layers, ids, labels = bert_problem(**shape)
-    plain = ContinualMethod(layers)
+    plain = SeqLoRA(layers)
     plain.add_parameters(list(model.head.parameters()))
     tree_lora = TreeLoRA(layers, _config(preset))
     tree_lora.add_parameters(list(model.head.parameters()))

@@ -15,12 +15,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "treelora"
 
 # The layers, lowest first. A name covers the module of that name and everything under it. Within a row the modules
-# may import each other: the kernel layer is the compiled extension and its loader, the backend registry and the kernels
-# (torch, triton and CUDA backends, their shared constants and environment checks). ``info`` sits with the CLI: it
-# reports on every op. The package's own ``treelora/__init__.py`` is the front door above every layer: it re-exports
-# ``treelora.ops`` and the backend switch and imports every other subpackage lazily, on first attribute access.
+# may import each other: the kernel layer is the package version, the atomic-write helper (stdlib only), the compiled
+# extension and its loader, the backend registry and the kernels (torch, triton and CUDA backends, their shared
+# constants and environment checks). ``info`` sits with the CLI: it reports on every op. The package's own
+# ``treelora/__init__.py`` is the front door above every layer: it re-exports ``treelora.ops`` and the backend switch
+# and imports every other subpackage lazily, on first attribute access.
 LAYERS: list[tuple[str, ...]] = [
-    ("treelora._version", "treelora._C", "treelora._cpp_lib", "treelora.backends", "treelora.kernels"),
+    ("treelora._version", "treelora._io", "treelora._C", "treelora._cpp_lib", "treelora.backends", "treelora.kernels"),
     ("treelora.ops",),
     ("treelora.nn",),
     ("treelora.peft",),
