@@ -204,7 +204,8 @@ def shutdown_distributed(context: DistributedContext) -> None:
         dist.destroy_process_group()
 
 
-def _world(group: Any = None) -> int:
+def num_ranks(group: Any = None) -> int:
+    """Number of ranks in ``group`` (default: the default group); 1 when no process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
@@ -251,7 +252,7 @@ def all_reduce_gradients(
             raise ValueError(f"weight must be a number or a 1-element tensor, got shape {tuple(weight.shape)}")
     elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise ValueError(f"weight must be a number >= 0 (this rank's example count), got {weight!r}")
-    if _world(group) == 1:
+    if num_ranks(group) == 1:
         return
     devices = {p.device for p in params}
     if len(devices) != 1:
@@ -300,7 +301,7 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group: An
     """Copy rank ``src``'s values of ``params`` to every rank in one flattened broadcast (what DDP does when it wraps
     a model), so that adapters initialised from different random states start equal."""
     params = list(params)
-    if not params or _world(group) == 1:
+    if not params or num_ranks(group) == 1:
         return
     with torch.no_grad():
         dtype = _reduce_dtype(params)
@@ -318,7 +319,7 @@ def mean_across_ranks(value: torch.Tensor, weight: float | int | torch.Tensor = 
     Returns a new detached tensor; a single process gets ``value`` back (detached)."""
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise ValueError(f"value must be a 1-element tensor, got {value!r}")
-    if _world(group) == 1:
+    if num_ranks(group) == 1:
         return value.detach().clone()
     dtype = _reduce_dtype([value])
     w = torch.as_tensor(weight, dtype=dtype, device=value.device).reshape(())
@@ -408,7 +409,7 @@ def check_identical_across_ranks(
         group: the process group (default: the default group).
     """
     mine = method_fingerprints(method, include_parameters)
-    world = _world(group)
+    world = num_ranks(group)
     if world == 1:
         return mine
     gathered: list[Any] = [None] * world
@@ -436,12 +437,12 @@ def check_identical_across_ranks(
 
 def is_main_process(group: Any = None) -> bool:
     """True on rank 0 (and in a single process)."""
-    return _world(group) == 1 or dist.get_rank(group) == 0
+    return num_ranks(group) == 1 or dist.get_rank(group) == 0
 
 
 def barrier(group: Any = None) -> None:
     """Wait for every rank (nothing in a single process)."""
-    if _world(group) > 1:
+    if num_ranks(group) > 1:
         dist.barrier(group=group)
 
 
@@ -449,7 +450,7 @@ def run_on_main(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: A
     """Run ``fn(*args, **kwargs)`` on rank 0 only (writing results, checkpoints, plots), then share its return value
     with every rank. If it raises on rank 0 every rank raises (a RuntimeError carrying the message on the others), so
     none waits forever in the next collective. The return value must be picklable."""
-    if _world(group) == 1:
+    if num_ranks(group) == 1:
         return fn(*args, **kwargs)
     outcome: list[Any] = [None]
     error: BaseException | None = None
@@ -533,7 +534,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if world_size is None:
-            world_size = _world()
+            world_size = num_ranks()
         if rank is None:
             rank = dist.get_rank() if world_size > 1 else 0
         shard([], rank, world_size)  # validates rank and world_size
