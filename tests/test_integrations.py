@@ -5,7 +5,11 @@ with TreeLoRA's hooks driven by hand on the same micro-batches."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,13 @@ SEQ, EXAMPLES, MICRO_BATCH, ACCUMULATION, LR = 8, 24, 4, 2, 5e-3
 STEPS = EXAMPLES // (MICRO_BATCH * ACCUMULATION)  # optimizer steps per task
 VOCAB = 64
 DENSITY = 0.5
+# The official regularizer scales its penalty by the loss, which is reduced across ranks under DDP: run both.
+CONFIGS = {
+    "paper": TreeLoRAConfig.paper(update_density=DENSITY),
+    "official": TreeLoRAConfig.official(),
+}
+# torchrun with 2 ranks importing transformers and peft: about 25 s on a busy 2-core machine.
+DDP_TIMEOUT_S = 300
 
 
 def peft_model() -> torch.nn.Module:
@@ -164,9 +175,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread):
-    config = TreeLoRAConfig.paper(update_density=DENSITY)
     return {
-        "treelora": train_with_trainer(tmp_path_factory.mktemp("a"), config),
+        "treelora": train_with_trainer(tmp_path_factory.mktemp("a"), CONFIGS["paper"]),
         "none": train_with_trainer(
             tmp_path_factory.mktemp("b"), TreeLoRAConfig.paper(update_density=DENSITY, regularizer="none")
         ),
@@ -216,8 +226,7 @@ def test_equals_hooks_driven_by_hand(runs, one_thread):
     """Trainer + callback = TreeLoRA's hooks on the accumulated batch (once per optimizer step): same selections,
     bank and adapters up to fp32 rounding (micro-batch gradients are summed in another order)."""
     model, treelora, recorder = runs["treelora"]
-    config = TreeLoRAConfig.paper(update_density=DENSITY)
-    hand_model, method, selections = train_by_hand(config, recorder.micro_batches)
+    hand_model, method, selections = train_by_hand(CONFIGS["paper"], recorder.micro_batches)
     assert selections == recorder.selections
     assert treelora.method.tree.to_nested() == method.tree.to_nested()
     torch.testing.assert_close(treelora.method.bank.signatures, method.bank.signatures, rtol=1e-4, atol=1e-6)
@@ -240,3 +249,38 @@ def test_refusals_name_the_problem():
         optimizer.step()
     with pytest.raises(ValueError, match="labels is None"):
         causal_lm_loss({"logits": torch.zeros(1, 3, VOCAB)}, None)
+
+
+@pytest.mark.slow
+def test_ddp_under_trainer_equals_one_process(runs, tmp_path):
+    """torchrun, 2 ranks: the Trainer wraps the model in DDP (gloo), each rank takes half of every micro-batch. Every
+    rank ends each task with the same state, and the run equals the 1-process Trainer run with the full micro-batch:
+    same data, same selections and tree, bank and adapters equal to fp32 rounding; for the official regularizer too
+    (its loss-scaled penalty is computed after DDP's average, from the loss summed across ranks)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(root / "tests" / "trainer_ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single = {"paper": runs["treelora"]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single["official"] = train_with_trainer(tmp_path / "single", CONFIGS["official"])
+    finally:
+        torch.set_num_threads(threads)
+    for name in CONFIGS:
+        ranks = [torch.load(tmp_path / f"{name}.rank{r}.pt", weights_only=False) for r in range(2)]
+        _, treelora, recorder = single[name]
+        assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["ddp"] == "DistributedDataParallel"
+        assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+        for step, batches in enumerate(recorder.micro_batches):
+            for i, batch in enumerate(batches):
+                union = torch.cat([ranks[0]["micro_batches"][step][i], ranks[1]["micro_batches"][step][i]])
+                assert sorted(map(tuple, union.tolist())) == sorted(map(tuple, batch.tolist()))
+        assert ranks[0]["selections"] == recorder.selections
+        assert ranks[0]["tree"] == treelora.method.tree.to_nested()
+        torch.testing.assert_close(ranks[0]["bank"], treelora.method.bank.signatures, rtol=1e-4, atol=1e-7)
+        for got, ref in zip(ranks[0]["adapters"], treelora.method.adapter_parameters()):
+            torch.testing.assert_close(got, ref.detach(), rtol=1e-4, atol=1e-7)

@@ -200,7 +200,9 @@ class TreeLoRACallback(TrainerCallback):
         current optimizer step's loss value. No host synchronisation."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"loss must be a 0-d tensor, got {loss!r}")
-        value = loss.detach().reshape(())
+        # A copy: the Trainer scales the returned loss in place (``loss *= num_processes`` under DDP), which would
+        # change a detached view of it.
+        value = loss.detach().reshape(()).clone()
         self._loss = value if self._loss is None else self._loss + value
 
     def optimizer(self, args: Any = None, max_grad_norm: float | None = None, **overrides: Any) -> TreeLoRAOptimizer:
