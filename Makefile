@@ -37,5 +37,5 @@ bench: install-test
 	$(PYTHON) -m pytest bench --benchmark-only -q
 
 lint:
-	$(PYTHON) -m ruff check treelora tests bench scripts setup.py
-	$(PYTHON) -m ruff format --check treelora tests bench scripts setup.py
+	$(PYTHON) -m ruff check treelora tests bench scripts examples setup.py
+	$(PYTHON) -m ruff format --check treelora tests bench scripts examples setup.py

@@ -159,6 +159,10 @@ class TreeLoRACallback(TrainerCallback):
     Attributes:
         method: the :class:`treelora.cl.TreeLoRA` instance (bank, tree, search, ``last_selection``).
         last_penalty: the regularizer's value at the latest optimizer step (0-d tensor; None before the first).
+        loss_reduction: how the recorded loss is combined across ranks for the ``official`` regularizer's scale:
+            ``"mean"`` (each rank's loss is the mean over its own shard; the default for own loops) or ``"sum"``
+            (each rank's loss is already divided by the global count; set by ``on_train_begin`` when the Trainer
+            averages tokens across devices).
         fingerprints: the state fingerprints of the latest task end (checked across ranks when distributed).
     """
 
@@ -183,7 +187,7 @@ class TreeLoRACallback(TrainerCallback):
         self.last_penalty: torch.Tensor | None = None
         self.fingerprints: dict[str, str] | None = None
         self._loss: torch.Tensor | None = None
-        self._loss_sum_across_ranks = True
+        self.loss_reduction = "mean"
         self._epoch = 0
         self._in_task = False
 
@@ -259,7 +263,7 @@ class TreeLoRACallback(TrainerCallback):
         if getattr(args, "fp16", False):
             raise ValueError("fp16 loss scaling is not supported by TreeLoRACallback; use bf16=True or fp32")
         check_fsdp(self.method, kwargs.get("model"))
-        self._loss_sum_across_ranks = bool(getattr(args, "average_tokens_across_devices", False))
+        self.loss_reduction = "sum" if getattr(args, "average_tokens_across_devices", False) else "mean"
         epochs = max(1, math.ceil(state.num_train_epochs))
         self.begin_task(max(1, math.ceil(state.max_steps / epochs)), epochs)
 
@@ -282,10 +286,12 @@ class TreeLoRACallback(TrainerCallback):
                     "compute_loss_func=treelora.compute_loss to the Trainer (or call record_loss in your loop)"
                 )
             return torch.zeros((), device=self.method.device)
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
         world = num_ranks()
         if needs_value and world > 1:
             loss = mean_across_ranks(loss)
-            if self._loss_sum_across_ranks:
+            if self.loss_reduction == "sum":
                 loss = loss * world
         return loss
 

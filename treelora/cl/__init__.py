@@ -66,6 +66,7 @@ _SUBMODULES = (
     "memory",
     "progress",
     "experiment",
+    "distributed",
 )
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
