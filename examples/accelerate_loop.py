@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from treelora.cl import TreeLoRAConfig
+from treelora.cl.distributed import end_worker_process
 from treelora.integrations import TreeLoRACallback
 from treelora.nn import inject_lora
 
@@ -65,3 +66,6 @@ def main() -> TreeLoRACallback:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # several processes (accelerate launch / torchrun)
+        torch.distributed.destroy_process_group()
+        end_worker_process(0)  # skips the interpreter's shutdown, where torch's gloo threads can abort (see its doc)

@@ -26,6 +26,7 @@ from treelora.cl.distributed import (
     all_reduce_gradients,
     broadcast_parameters,
     check_identical_across_ranks,
+    end_worker_process,
     init_distributed,
     run_on_main,
     shutdown_distributed,
@@ -103,4 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    if result["distributed"]["world_size"] > 1:
+        end_worker_process(0)  # skips the interpreter's shutdown, where torch's gloo threads can abort (see its doc)

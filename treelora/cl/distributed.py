@@ -44,9 +44,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,29 @@ class StateMismatchError(RuntimeError):
 
 class UnsupportedParallelismError(RuntimeError):
     """The model is wrapped in a way TreeLoRA cannot train (FSDP1, or LoRA parameters sharded by FSDP2)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: usually because another rank stopped (crashed, raised, was killed) and left
+    the group, in which case that rank's own error says why; otherwise a network or backend failure."""
+
+
+@contextmanager
+def _collective(what: str, group: Any = None) -> Iterator[None]:
+    """Turn a failure of the torch.distributed call inside the block into a :class:`CollectiveError` that names the
+    collective and this rank (gloo raises a bare RuntimeError such as "Connection closed by peer")."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        try:
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+        except (RuntimeError, ValueError):  # the group is gone already
+            rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CollectiveError(
+            f"{what} failed on rank {rank} of {world}: another rank probably stopped (its own error says why). "
+            f"Backend: {first}"
+        ) from exc
 
 
 # --- process group --------------------------------------------------------------------------------------------------
@@ -204,6 +229,33 @@ def shutdown_distributed(context: DistributedContext) -> None:
         dist.destroy_process_group()
 
 
+def abort_distributed() -> None:
+    """Leave the default process group at once, whoever created it, so that the other ranks do not wait for this one.
+
+    Called on a rank that stops with an error while the others may be inside (or about to enter) a collective: gloo
+    closes this rank's connections, so their pending collective raises at once ("Connection closed by peer", turned
+    into :class:`CollectiveError`) instead of waiting for the timeout; NCCL communicators are torn down with the
+    group. The group cannot be used afterwards. Nothing happens without an initialised group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def end_worker_process(code: int) -> NoReturn:
+    """End a process of a multi-process run with exit status ``code``: flush the standard streams, then ``os._exit``.
+
+    The interpreter's own shutdown is skipped on purpose. With torch 2.13 the gloo process group can outlive
+    ``destroy_process_group`` (something inside torch keeps a reference to it once a custom op has run), and when one
+    of its worker threads is still releasing the last collective's tensors while the interpreter shuts down, it needs
+    the GIL and aborts the process ("terminate called without an active exception", exit status -6): about 1 run in
+    5 of a 2-process run on a 2-core machine. Call it last, after :func:`shutdown_distributed`."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more can be written anyway
+            pass
+    os._exit(code)
+
+
 def num_ranks(group: Any = None) -> int:
     """Number of ranks in ``group`` (default: the default group); 1 when no process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -227,22 +279,38 @@ def all_reduce_gradients(
     params: Iterable[torch.Tensor],
     weight: float | int | torch.Tensor = 1.0,
     group: Any = None,
-) -> None:
+    *,
+    present: Sequence[bool] | None = None,
+    values: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Replace every parameter's gradient by the weighted mean over ranks ``Σ_r w_r g_r / Σ_r w_r``, in ONE
     collective.
 
-    The gradients are packed into one flat buffer (as a DDP bucket would be) followed by one "has a gradient" flag per
-    parameter and the rank's weight, all-reduced with a sum, and unpacked. With ``weight`` = the number of examples
-    (or tokens) the rank's loss is a mean over, the result is the gradient of the mean loss over the union of the
-    ranks' batches, also when the shards are uneven or one is empty (weight 0, no backward). A parameter whose
-    gradient is None on every rank keeps None (no spurious zero gradient reaches the optimizer, so its moments and
-    weight decay stay untouched); one that has a gradient on some rank gets the mean on every rank. All ranks must pass
-    the same parameters in the same order. A single process leaves the gradients as they are.
+    The gradients are packed into one flat buffer (as a DDP bucket would be) followed by ``values`` (if any), one "has
+    a gradient" flag per parameter and the rank's weight, all-reduced with a sum, and unpacked. With ``weight`` = the
+    number of examples (or tokens) the rank's loss is a mean over, the result is the gradient of the mean loss over the
+    union of the ranks' batches, also when the shards are uneven or one is empty (weight 0, no backward). A parameter
+    whose gradient is None on every rank keeps None (no spurious zero gradient reaches the optimizer, so its moments
+    and weight decay stay untouched); one that has a gradient on some rank gets the mean on every rank. All ranks must
+    pass the same parameters in the same order. A single process leaves the gradients as they are.
+
+    Which parameters have a gradient somewhere is read back from the summed flags (one host read of P numbers, a
+    synchronisation with the device) only when some parameter has none on this rank and ``present`` is not given.
+    A caller that knows it from the global batch (the treelora trainer: the adapters, and the heads of the tasks in
+    the batch) passes ``present`` and the step stays free of host synchronisation.
 
     Args:
         params: the trainable parameters (e.g. ``method.parameters()``), same order on every rank.
         weight: this rank's weight w_r >= 0 (default 1: the plain mean over ranks). Σ_r w_r must be > 0.
         group: the process group (default: the default group).
+        present: optional, one bool per parameter, the same on every rank: does the parameter have a gradient on at
+            least one rank. A parameter with a gradient here must be marked True.
+        values: optional (K,) numbers averaged with the same weights in the same collective (e.g. the rank's loss,
+            so that every rank logs and checks the loss of the union batch without a second collective).
+
+    Returns:
+        the (K,) weighted mean of ``values`` over ranks (detached; ``values`` itself in a single process), or None
+        when ``values`` is None.
     """
     params = list(params)
     if not params:
@@ -252,8 +320,19 @@ def all_reduce_gradients(
             raise ValueError(f"weight must be a number or a 1-element tensor, got shape {tuple(weight.shape)}")
     elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise ValueError(f"weight must be a number >= 0 (this rank's example count), got {weight!r}")
+    if values is not None and (not isinstance(values, torch.Tensor) or values.dim() != 1):
+        got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"values must be a 1-D tensor, got {got}")
+    local = [p.grad is not None for p in params]
+    if present is not None:
+        present = [bool(x) for x in present]
+        if len(present) != len(params):
+            raise ValueError(f"present has {len(present)} entries, params {len(params)}")
+        wrong = [i for i, (has, known) in enumerate(zip(local, present)) if has and not known]
+        if wrong:
+            raise ValueError(f"params{wrong[:6]} have a gradient on this rank but are marked absent in present")
     if num_ranks(group) == 1:
-        return
+        return None if values is None else values.detach()
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"params must all be on one device, got {sorted(str(d) for d in devices)}")
@@ -261,31 +340,36 @@ def all_reduce_gradients(
     for i, p in enumerate(params):
         if p.grad is not None and p.grad.shape != p.shape:
             raise ValueError(f"params[{i}].grad has shape {tuple(p.grad.shape)}, the parameter {tuple(p.shape)}")
-    local = [p.grad is not None for p in params]
     # From the parameters, not the gradients: a rank without gradients must build the same buffer as the others.
     dtype = _reduce_dtype(params)
     sizes = [p.numel() for p in params]
     total = sum(sizes)
-    # Layout: [w_r * grads (zeros where None) | one flag per parameter | w_r].
+    extra = 0 if values is None else values.numel()
+    # Layout: [w_r * grads (zeros where None) | w_r * values | one flag per parameter | w_r].
     pieces = [
         p.grad.reshape(-1).to(dtype) if has else torch.zeros(n, dtype=dtype, device=device)
         for p, n, has in zip(params, sizes, local)
     ]
+    if values is not None:
+        pieces.append(values.detach().to(device=device, dtype=dtype))
     w = torch.as_tensor(weight, dtype=dtype, device=device).reshape(1)
     flags = torch.tensor(local, dtype=dtype).to(device, non_blocking=True)
     buffer = torch.cat([*pieces, flags, w])
-    buffer[:total].mul_(w)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    buffer[: total + extra].mul_(w)
+    with _collective("the gradient all-reduce", group):
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     # Σ w_r = 0 only when every rank's weight is 0; the sums are then 0 too and the gradients become 0, not NaN.
-    mean = buffer[:total].div_(buffer[-1].clamp_min(torch.finfo(dtype).tiny))
-    if all(local):
-        present = local
-    else:
-        # Some parameter has no gradient here (an unused head, an empty shard): whether another rank produced one is
-        # read from the summed flags, one host read of P numbers. This is the case in which DDP needs
-        # find_unused_parameters, which reads its used-parameter bitmap on the host too; when every parameter has a
-        # local gradient (the usual LoRA case) nothing is read and the step stays free of host synchronisation.
-        present = (buffer[total : total + len(params)] > 0).tolist()
+    mean = buffer[: total + extra].div_(buffer[-1].clamp_min(torch.finfo(dtype).tiny))
+    if present is None:
+        if all(local):
+            present = local
+        else:
+            # Some parameter has no gradient here (an unused head, an empty shard): whether another rank produced one
+            # is read from the summed flags, one host read of P numbers. This is the case in which DDP needs
+            # find_unused_parameters, which reads its used-parameter bitmap on the host too; when every parameter has
+            # a local gradient (the usual LoRA case) nothing is read and the step stays free of host synchronisation.
+            flags_sum = buffer[total + extra : total + extra + len(params)]
+            present = (flags_sum > 0).tolist()
     offset = 0
     for p, n, has in zip(params, sizes, present):
         if has:
@@ -295,6 +379,7 @@ def all_reduce_gradients(
             else:
                 p.grad.copy_(view)
         offset += n
+    return None if values is None else mean[total:].clone()
 
 
 def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group: Any = None) -> None:
@@ -306,7 +391,8 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group: An
     with torch.no_grad():
         dtype = _reduce_dtype(params)
         flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
-        dist.broadcast(flat, src=src, group=group)
+        with _collective("the parameter broadcast", group):
+            dist.broadcast(flat, src=src, group=group)
         offset = 0
         for p in params:
             p.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -324,8 +410,59 @@ def mean_across_ranks(value: torch.Tensor, weight: float | int | torch.Tensor = 
     dtype = _reduce_dtype([value])
     w = torch.as_tensor(weight, dtype=dtype, device=value.device).reshape(())
     pair = torch.stack([value.detach().reshape(()).to(dtype) * w, w])
-    dist.all_reduce(pair, op=dist.ReduceOp.SUM, group=group)
+    with _collective("the mean all-reduce", group):
+        dist.all_reduce(pair, op=dist.ReduceOp.SUM, group=group)
     return pair[0] / pair[1].clamp_min(torch.finfo(dtype).tiny)
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device for NCCL, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_across_ranks(counts: Sequence[int], group: Any = None) -> list[int]:
+    """Element-wise sum over ranks of integer counts (e.g. correct answers and test items of each task scored on this
+    rank's share of the test sets), exact in int64, in one collective; a single process gets ``counts`` back."""
+    counts = [int(c) for c in counts]
+    if num_ranks(group) == 1 or not counts:
+        return counts
+    buffer = torch.tensor(counts, dtype=torch.int64, device=_collective_device(group))
+    with _collective("the count all-reduce", group):
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer.tolist()
+
+
+# --- random state ---------------------------------------------------------------------------------------------------
+
+
+def broadcast_rng_state(src: int = 0, group: Any = None) -> None:
+    """Give every rank rank ``src``'s global torch RNG state (the CPU generator and, with CUDA, the current device's),
+    one small collective. Use it before a step that draws random numbers which must agree on every rank (a fresh
+    adapter initialised at a task boundary), when the ranks' streams have diverged (dropout draws as many numbers as
+    the rank's shard holds). A single process keeps its state."""
+    if num_ranks(group) == 1:
+        return
+    # Only when CUDA is in use already: reading a device's state would otherwise create a CUDA context on it.
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    state: list[Any] = [(torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)]
+    with _collective("the RNG state broadcast", group):
+        dist.broadcast_object_list(state, src=src, group=group)
+    cpu, device_state = state[0]
+    torch.set_rng_state(cpu)
+    if device_state is not None:
+        torch.cuda.set_rng_state(device_state)
+
+
+def seed_per_rank(group: Any = None) -> None:
+    """Reseed the global torch RNGs of every rank from one draw of the current (identical) state plus the rank, so
+    that the ranks' dropout masks are independent of each other yet reproducible: a run resumed from a checkpoint
+    draws the same masks. Call after :func:`broadcast_rng_state`; a single process keeps its state."""
+    if num_ranks(group) == 1:
+        return
+    base = int(torch.randint(2**62, (1,)).item())
+    torch.manual_seed(base + dist.get_rank(group))
 
 
 # --- state fingerprints ---------------------------------------------------------------------------------------------
@@ -413,7 +550,8 @@ def check_identical_across_ranks(
     if world == 1:
         return mine
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine, group=group)
+    with _collective("the state fingerprint all-gather", group):
+        dist.all_gather_object(gathered, mine, group=group)
     reference = gathered[0]
     problems = []
     for rank, theirs in enumerate(gathered[1:], start=1):
@@ -443,7 +581,8 @@ def is_main_process(group: Any = None) -> bool:
 def barrier(group: Any = None) -> None:
     """Wait for every rank (nothing in a single process)."""
     if num_ranks(group) > 1:
-        dist.barrier(group=group)
+        with _collective("the barrier", group):
+            dist.barrier(group=group)
 
 
 def run_on_main(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: Any) -> T:
@@ -460,7 +599,8 @@ def run_on_main(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: A
         except Exception as exc:
             error = exc
             outcome[0] = ("error", f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(outcome, src=0, group=group)
+    with _collective("the broadcast after a rank-0 write", group):
+        dist.broadcast_object_list(outcome, src=0, group=group)
     status, value = outcome[0]
     if error is not None:
         raise error
