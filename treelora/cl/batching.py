@@ -4,8 +4,10 @@ Two separate jobs:
 
 * **order**: :func:`epoch_batches` lists one epoch's batches as ``(task index, example index)`` pairs. The shuffle
   comes from a :class:`Sampler`; the default :class:`SeededShuffle` draws it from a generator seeded by
-  ``(seed, task, epoch)``, so a resumed run sees the same order as an uninterrupted one. A sampler for data-parallel
-  training (each rank its own share of one shared permutation) plugs in here.
+  ``(seed, task, epoch)``, so a resumed run sees the same order as an uninterrupted one, and every rank of a
+  data-parallel run draws the same global batches. The trainer then gives rank r of N the entries
+  ``global_batch[r::N]`` (:func:`treelora.cl.distributed.shard`), so N processes train on exactly the batches of
+  one process.
 * **tensors**: :class:`BatchBuilder` turns such pairs into model inputs on the device: tokenized texts or stacked
   images with labels and task ids for classification streams, right-padded ``prompt + answer`` sequences with labels
   on the answer tokens for instruct streams.
@@ -33,11 +35,12 @@ def seeded_generator(*keys: int) -> torch.Generator:
 
 
 class Sampler(Protocol):
-    """Decides the order of an epoch's examples."""
+    """Decides the order of an epoch's examples. Under several processes every rank must return the same order (the
+    trainer shards each global batch across the ranks itself)."""
 
     def order(self, num_items: int, anchor: int, epoch: int) -> list[int]:
-        """A permutation (or, for a sharded sampler, a subset) of ``range(num_items)`` for ``epoch`` of the training
-        step anchored at task ``anchor``."""
+        """A permutation (or a subset) of ``range(num_items)`` for ``epoch`` of the training step anchored at task
+        ``anchor``."""
         ...
 
 
@@ -116,9 +119,10 @@ class BatchBuilder:
         room = max(self.max_length - len(answer_ids), 1)
         return prompt_ids[-room:], answer_ids[: self.max_length - 1]
 
-    def pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
         """Right-padded ``input_ids`` / ``attention_mask`` (B, S) and ``labels`` (B, S) (-100 outside the answer) of
-        (prompt, answer) id pairs."""
+        (prompt, answer) id pairs, and ``num_targets``: how many answer tokens the next-token loss scores (the labels
+        after the first column), counted on the host before the tensors move to the device."""
         pad = self.tokenizer.pad_token_id
         width = max(len(p) + len(a) for p, a in sequences)
         ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -133,6 +137,7 @@ class BatchBuilder:
             "input_ids": ids.to(self.device),
             "attention_mask": mask.to(self.device),
             "labels": labels.to(self.device),
+            "num_targets": int((labels[:, 1:] != -100).sum()),
         }
 
     def instruct(self, items: Sequence[Item], split: str) -> dict[str, Any]:

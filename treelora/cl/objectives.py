@@ -11,7 +11,7 @@ Protocols for classification streams:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,16 @@ class TaskHeads(nn.ModuleList):
         if self.protocol == "task":
             return self[task](features), list(self.task_classes[task])
         return torch.cat([self[k](features) for k in range(upto + 1)], dim=1), self.seen_classes(upto)
+
+    def heads_used(self, tasks: Iterable[int], upto: int) -> list[int]:
+        """Indices of the heads that :meth:`loss` uses (and so gives a gradient) for a batch holding examples of
+        ``tasks``: those tasks' heads (task-incremental) or the heads of tasks 0..upto (class-incremental); none for
+        an empty batch. Worked out on the host from task ids, so a data-parallel trainer knows which heads have a
+        gradient on some rank without reading anything back from the device."""
+        tasks = sorted(set(int(t) for t in tasks))
+        if not tasks:
+            return []
+        return tasks if self.protocol == "task" else list(range(upto + 1))
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, tasks: torch.Tensor, upto: int) -> torch.Tensor:
         """Mean cross-entropy of a batch: features (B, H), labels (B,) global class ids, tasks (B,) task ids; each
