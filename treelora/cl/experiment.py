@@ -9,6 +9,7 @@ import gc
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from treelora.cl.distributed import DistributedContext
 from treelora.cl.registry import canonical_method
 from treelora.cl.results import RunResult
 from treelora.cl.trainer import RunInterrupted, Trainer, TrainerConfig
@@ -35,6 +36,7 @@ def compare_methods(
     *,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     resume: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> list[RunResult]:
     """Train and evaluate each method on the stream, one after another.
 
@@ -47,6 +49,8 @@ def compare_methods(
         out: the output folder of the comparison.
         method_options: method name -> its options (see :func:`treelora.cl.assign_method_options`).
         resume: continue each method from its checkpoint (a finished method is read back, not retrained).
+        distributed: this process's place among several (see :class:`~treelora.cl.Trainer`; default: the initialised
+            default process group, else a single process). Every rank calls this function with the same arguments.
     Returns:
         the methods' results, in order.
     Raises:
@@ -63,7 +67,9 @@ def compare_methods(
             loaded = new_model()
             checkpoint_dir = str(Path(out) / "checkpoints" / method)
             cfg = dataclasses.replace(config, checkpoint_dir=checkpoint_dir)
-            trainer = Trainer(stream, loaded, method, cfg, method_options=options.get(method, {}))
+            trainer = Trainer(
+                stream, loaded, method, cfg, method_options=options.get(method, {}), distributed=distributed
+            )
             results.append(trainer.run(resume=resume))
             finished.append(method)
             current = None

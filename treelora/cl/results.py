@@ -288,13 +288,20 @@ def results_payload(
     method_options: Mapping[str, Any],
     results: Sequence[RunResult],
     wall_seconds: float,
+    distributed: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results.json document of a comparison: the command, the machine, the wall time, the stream (tasks and
+    """The results.json document of a comparison: the command, the machine, the wall time, the processes
+    (``distributed``: world size, backend, whether the methods' states were identical on every rank at every task's
+    end, see :meth:`treelora.cl.distributed.DistributedContext.record`; left out when None), the stream (tasks and
     sizes), the model (``model``: name, kind and load information), the method options as given, and every result."""
-    return {
+    out: dict[str, Any] = {
         "command": command,
         "machine": machine_info(),
         "wall_seconds": wall_seconds,
+    }
+    if distributed is not None:
+        out["distributed"] = dict(distributed)
+    return out | {
         "stream": {
             "name": stream.name,
             "tasks": [t.name for t in stream.tasks],

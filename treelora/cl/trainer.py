@@ -8,6 +8,21 @@ is stopped resumes from the last finished task and reaches the same results as a
 seed: data order is drawn from generators seeded by (seed, task, epoch), and the global RNG state (dropout, fresh
 adapter initialisation) is saved with each checkpoint.
 
+Several processes (``torchrun``; SPEC 9): the run is data-parallel with the same state on every rank. Every rank
+draws the same global batches of ``batch_size`` and trains on its stride of each
+(:func:`~treelora.cl.distributed.shard`: rank r of N takes ``batch[r::N]``); between ``loss.backward()`` and the
+method's ``after_backward()`` the gradients are averaged over ranks, weighted by each rank's example (or
+answer-token) count, in ONE collective per step (:func:`~treelora.cl.distributed.all_reduce_gradients`) that also
+carries the loss and reads nothing back to the host. Every rank then sees the gradient one process would see on the
+whole batch, so TreeLoRA's running signature (the "signature all-reduce" rides on the gradient all-reduce, every
+step), the search's distances and statistics, the optimizer step, the bank and the tree are identical on every rank
+without a collective of their own; the search's random draws come from a generator seeded by the method's config and
+advanced identically everywhere. At task boundaries the global RNG state is broadcast from rank 0 (a fresh adapter
+is drawn identically; dropout is then reseeded per rank). Each rank scores its share of every test set and the
+counts are summed (one collective per evaluation round). At the end of every task a hash of the method's state and
+parameters is compared across ranks (:func:`~treelora.cl.distributed.check_identical_across_ranks`; a mismatch
+raises on every rank); rank 0 alone logs and writes the checkpoint, which every rank reads back on resume.
+
 This module is the loop; its parts live beside it: :mod:`~treelora.cl.batching` (data order and tensors),
 :mod:`~treelora.cl.objectives` (heads, protocols and losses), :mod:`~treelora.cl.evaluation` (scoring),
 :mod:`~treelora.cl.checkpoint` (save and resume), :mod:`~treelora.cl.results` (what a run returns and writes) and
@@ -37,6 +52,18 @@ from treelora.cl.checkpoint import (
     load_adapter_state,
     rng_state,
     set_rng_state,
+)
+from treelora.cl.distributed import (
+    DistributedContext,
+    abort_distributed,
+    all_reduce_gradients,
+    broadcast_rng_state,
+    check_identical_across_ranks,
+    current_context,
+    run_on_main,
+    seed_per_rank,
+    shard,
+    sum_across_ranks,
 )
 from treelora.cl.evaluation import Evaluator
 from treelora.cl.memory import PeakMemory
@@ -199,6 +226,10 @@ class RunInterrupted(KeyboardInterrupt):
 MethodFactory = Callable[..., ContinualMethod]
 
 
+def _silent(message: str) -> None:
+    """The log of a run that prints nothing (progress off, or a rank other than 0)."""
+
+
 class Trainer:
     """Runs one continual-learning method over a stream.
 
@@ -215,12 +246,15 @@ class Trainer:
         callbacks: functions called as ``callback(trainer, task_index)`` after each task's checkpoint is written.
         sampler: the order of each epoch's training examples (default: :class:`~treelora.cl.batching.SeededShuffle`
             of the config's seed).
+        distributed: where this process stands among several (default: the initialised torch.distributed default
+            group, else a single process); see the module docstring for what a data-parallel run shares.
 
     Attributes:
         model: the backbone module (with LoRA layers). layers: the LoRA layers. heads: the classification heads.
         method: the :class:`ContinualMethod`. method_name: its registry name. batches, evaluator, checkpoints: the
             parts the loop uses. R: (N, N) accuracy matrix so far (NaN where not measured). completed: index of
-            the last finished task (-1: none).
+            the last finished task (-1: none). dist: the :class:`~treelora.cl.distributed.DistributedContext`.
+            state_checks: how many task ends found the method's state identical on every rank.
     """
 
     def __init__(
@@ -232,6 +266,7 @@ class Trainer:
         method_options: Mapping[str, Any] | None = None,
         callbacks: Sequence[Callable[[Trainer, int], None]] = (),
         sampler: Sampler | None = None,
+        distributed: DistributedContext | None = None,
     ) -> None:
         if config is not None and not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
@@ -248,6 +283,9 @@ class Trainer:
         else:
             raise TypeError(f"method must be a method name or a callable, got {type(method).__name__}")
         self.device = torch.device(cfg.device)
+        if distributed is not None and not isinstance(distributed, DistributedContext):
+            raise TypeError(f"distributed must be a DistributedContext, got {type(distributed).__name__}")
+        self.dist = distributed if distributed is not None else current_context(self.device)
         self.callbacks = list(callbacks)
         self.model = model.model.to(self.device)
         with torch.random.fork_rng(devices=[]):
@@ -269,7 +307,9 @@ class Trainer:
         self.joint = bool(self.method.joint)
         self.sampler = sampler or SeededShuffle(cfg.seed)
         self.batches = BatchBuilder(stream, model.tokenizer, cfg.max_length, self.device)
-        self.evaluator = Evaluator(stream, model, self.heads, self.batches, cfg.eval_batch_size)
+        self.evaluator = Evaluator(
+            stream, model, self.heads, self.batches, cfg.eval_batch_size, self.dist.rank, self.dist.world_size
+        )
         self.checkpoints = CheckpointStore(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         n = len(stream)
         self.R = np.full((n, n), np.nan)
@@ -282,23 +322,77 @@ class Trainer:
         self.memory_kind = "rss"
         self.completed = -1
         self.checkpointed = -1
+        self.state_checks = 0
         self._memory: PeakMemory | None = None
 
     # --- evaluation ------------------------------------------------------------------------------------------------
 
     def evaluate(self, task: int, upto: int) -> float:
         """Accuracy in [0, 1] on ``task``'s test set with the model as it is after training task ``upto``
-        (:meth:`treelora.cl.evaluation.Evaluator.evaluate`)."""
-        return self.evaluator.evaluate(task, upto)
+        (:meth:`treelora.cl.evaluation.Evaluator.counts`); every rank of a data-parallel run must call it."""
+        return self.evaluate_tasks([task], upto)[0]
+
+    def evaluate_tasks(self, tasks: Sequence[int], upto: int) -> list[float]:
+        """Accuracies in [0, 1] on the test sets of ``tasks`` after training task ``upto``. Under several processes
+        each rank scores its share of every test set and the counts are summed over ranks in one collective, so every
+        rank returns the numbers one process would."""
+        counts = [c for j in tasks for c in self.evaluator.counts(j, upto)]
+        counts = sum_across_ranks(counts)
+        return [correct / total for correct, total in zip(counts[0::2], counts[1::2])]
 
     # --- training --------------------------------------------------------------------------------------------------
 
-    def _loss(self, items: list[tuple[int, int]], upto: int) -> torch.Tensor:
-        """The task loss of one training batch (heads of tasks 0..upto compete under the class protocol)."""
+    def _loss(self, items: list[tuple[int, int]], upto: int) -> tuple[torch.Tensor, int]:
+        """The task loss of one training batch (heads of tasks 0..upto compete under the class protocol) and what it
+        is a mean over: examples (classification) or scored answer tokens (instruct), the rank's weight when the
+        gradients are averaged over ranks."""
         if self.stream.kind == "classification":
             batch = self.batches.classification(items, "train")
-            return self.heads.loss(self.loaded.features(batch), batch["labels"], batch["task"], upto)
-        return causal_lm_loss(self.model, self.batches.instruct(items, "train"))
+            return self.heads.loss(self.loaded.features(batch), batch["labels"], batch["task"], upto), len(items)
+        batch = self.batches.instruct(items, "train")
+        return causal_lm_loss(self.model, batch), batch["num_targets"]
+
+    def _gradient_owners(self) -> list[int] | None:
+        """For each of ``method.parameters()``: -1 for a LoRA adapter (every example's forward goes through every
+        LoRA layer), k for a parameter of head k; None (for the whole list) when some parameter is neither, so that
+        which parameters have a gradient must be read back from the all-reduce."""
+        heads = {id(p): k for k, head in enumerate(self.heads) for p in head.parameters()}
+        adapters = {id(p) for p in self.method.adapter_parameters()}
+        owners: list[int] = []
+        for p in self.method.parameters():
+            if id(p) in adapters:
+                owners.append(-1)
+            elif id(p) in heads:
+                owners.append(heads[id(p)])
+            else:
+                return None
+        return owners
+
+    def _average_gradients(
+        self,
+        params: list[torch.Tensor],
+        items: list[tuple[int, int]],
+        local: bool,
+        weight: int,
+        loss: torch.Tensor,
+        owners: list[int] | None,
+        upto: int,
+    ) -> torch.Tensor:
+        """Average the gradients over ranks (one collective, the loss riding in the same buffer); returns the loss of
+        the whole global batch ``items``. ``local``: this rank's shard was not empty."""
+        present = None
+        if owners is not None:
+            used = set(self.heads.heads_used((t for t, _ in items), upto))
+            present = [k == -1 or k in used for k in owners]
+            if local:
+                missing = [i for i, (k, p) in enumerate(zip(owners, params)) if k == -1 and p.grad is None]
+                if missing:
+                    raise RuntimeError(
+                        f"LoRA parameters {missing[:6]} of {self.method_name} got no gradient from a training batch: "
+                        "every LoRA layer must be on the path of every example (check target_modules)"
+                    )
+        mean = all_reduce_gradients(params, weight, present=present, values=loss.detach().float().reshape(1))
+        return mean[0]
 
     def train_task(
         self, index: int, tasks: Sequence[int] | None = None, label: str | None = None
@@ -326,11 +420,16 @@ class Trainer:
             epochs = math.ceil(total / batches_per_epoch)
         steps_per_epoch = min(batches_per_epoch, total)
         base_lr = self.method.optim.lr
+        rank, world = self.dist.rank, self.dist.world_size
+        # A method may draw random numbers at a task boundary (a fresh adapter): every rank must draw the same ones.
+        broadcast_rng_state()
         self.method.begin_task(index, steps_per_epoch, epochs)
+        seed_per_rank()  # then independent dropout masks per rank
         self.model.train()
-        bar = Progress(total, label, cfg.progress)
+        bar = Progress(total, label, cfg.progress and self.dist.is_main)
         epoch_losses, step = [], 0
-        params = self.method.parameters
+        params = self.method.parameters()
+        owners = self._gradient_owners() if self.dist.is_distributed else None
         upto = len(self.stream) - 1 if self.joint else index
         try:
             for epoch in range(epochs):
@@ -339,12 +438,21 @@ class Trainer:
                 for items in batches(epoch):
                     if step >= total:
                         break
-                    loss = self._loss(items, upto)
+                    local = shard(items, rank, world) if world > 1 else items
+                    if local:
+                        loss, weight = self._loss(local, upto)
+                    else:
+                        # A global batch smaller than the number of ranks: this rank still runs the method's hooks
+                        # (the search draws and counts every step on every rank) with weight 0.
+                        loss, weight = torch.zeros((), device=self.device), 0
                     total_loss = self.method.before_backward(loss)
-                    total_loss.backward()
+                    if local or total_loss.requires_grad:
+                        total_loss.backward()
+                    if world > 1:
+                        loss = self._average_gradients(params, items, bool(local), weight, loss, owners, upto)
                     self.method.after_backward()
                     if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_([p for p in params() if p.grad is not None], cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
                     self.method.optim.lr = base_lr * lr_factor(step, total, cfg.schedule, cfg.warmup_ratio)
                     self.method.step()
                     self.method.optim.lr = base_lr
@@ -352,6 +460,7 @@ class Trainer:
                     count += 1
                     step += 1
                     if step % SYNC_EVERY == 0 or step == total:
+                        # The loss of the whole global batch, the same on every rank: all ranks stop together.
                         value = float(loss.detach())
                         if not math.isfinite(value):
                             raise FloatingPointError(
@@ -363,6 +472,7 @@ class Trainer:
         except KeyboardInterrupt:
             bar.abandon()
             raise
+        broadcast_rng_state()
         self.method.end_task()
         bar.close()
         return epoch_losses, step
@@ -395,9 +505,14 @@ class Trainer:
         return adapter_state(self.layers, self.heads)
 
     def save_checkpoint(self) -> None:
-        """Write the state after the last completed task, atomically (nothing without a checkpoint_dir)."""
+        """Write the state after the last completed task, atomically (nothing without a checkpoint_dir). Under several
+        processes rank 0 writes it (the state is the same on every rank) and an error there raises on every rank."""
         if self.checkpoints is None:
             return
+        run_on_main(self._write_checkpoint)
+        self.checkpointed = self.completed
+
+    def _write_checkpoint(self) -> None:
         state = {
             "completed": self.completed,
             "adapters": self.adapter_state(),
@@ -412,10 +527,10 @@ class Trainer:
             **rng_state(),
         }
         self.checkpoints.save(self.identity(), state)
-        self.checkpointed = self.completed
 
     def load_checkpoint(self) -> bool:
-        """Restore the last checkpoint if there is one; False when there is none.
+        """Restore the last checkpoint if there is one; False when there is none. Under several processes every rank
+        reads the same file (a folder every rank can read: one machine, or a shared file system).
 
         Raises:
             treelora.cl.CheckpointError: the checkpoint belongs to a different run (method, stream, model or
@@ -439,15 +554,37 @@ class Trainer:
     def run(self, resume: bool = False, log: Callable[[str], None] | None = None) -> RunResult:
         """Train task after task and return the results (resuming from the checkpoint when ``resume``).
 
+        Under several processes only rank 0 logs, and an error on one rank (Ctrl-C included) leaves the process group
+        (:func:`treelora.cl.distributed.abort_distributed`) before it propagates, so that the other ranks' next
+        collective raises :class:`treelora.cl.distributed.CollectiveError` at once instead of waiting for the timeout.
+
         Raises:
             RunInterrupted: Ctrl-C (a KeyboardInterrupt), with the last task whose checkpoint was written.
             treelora.cl.CheckpointError: ``resume`` and a checkpoint that is not this run's.
+            treelora.cl.distributed.StateMismatchError: the method's state differs between ranks at a task's end.
         """
+        if self.dist.is_distributed:
+            try:
+                return self._run(resume, log)
+            except BaseException:
+                abort_distributed()
+                raise
+        return self._run(resume, log)
+
+    def _run(self, resume: bool, log: Callable[[str], None] | None) -> RunResult:
         cfg = self.config
-        log = log or (lambda msg: print(msg, file=sys.stderr) if cfg.progress else None)
+        if not self.dist.is_main:
+            log = _silent
+        elif log is None:
+            log = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else _silent
         n = len(self.stream)
         try:
-            if resume and self.load_checkpoint():
+            loaded = resume and self.load_checkpoint()
+            if resume and self.dist.is_distributed:
+                # Every rank must have read the same checkpoint (or none): a folder that is not shared between the
+                # machines, or a file replaced in between, is caught here instead of mid-task.
+                check_identical_across_ranks(self.method, label=f"resuming {self.method_name} from the checkpoint")
+            if loaded:
                 log(f"[{self.method_name}] resumed after task {self.completed + 1}/{n} from {self.checkpoint_path}")
             else:
                 torch.manual_seed(cfg.seed)
@@ -455,7 +592,7 @@ class Trainer:
                 self._memory = memory
                 if self.completed < 0 and self.zero_shot is None and cfg.eval_zero_shot:
                     start = time.perf_counter()
-                    self.zero_shot = np.array([self.evaluate(j, 0) for j in range(n)])
+                    self.zero_shot = np.array(self.evaluate_tasks(range(n), 0))
                     log(
                         f"[{self.method_name}] zero-shot accuracy: "
                         + " ".join(f"{a:.3f}" for a in self.zero_shot)
@@ -483,8 +620,7 @@ class Trainer:
         train_s = time.perf_counter() - start
         start = time.perf_counter()
         last = min(k + 1, n - 1) if self.config.eval_next_task else k
-        for j in range(last + 1):
-            self.R[k, j] = self.evaluate(j, k)
+        self.R[k, : last + 1] = self.evaluate_tasks(range(last + 1), k)
         eval_s = time.perf_counter() - start
         self._finish(k, losses, steps, train_s, eval_s, log)
 
@@ -496,8 +632,7 @@ class Trainer:
         losses, steps = self.train_task(0, range(n), f"[{self.method_name}] all {n} tasks")
         train_s = time.perf_counter() - start
         start = time.perf_counter()
-        for j in range(n):
-            self.R[n - 1, j] = self.evaluate(j, n - 1)
+        self.R[n - 1] = self.evaluate_tasks(range(n), n - 1)
         self._finish(n - 1, losses, steps, train_s, time.perf_counter() - start, log)
 
     def _finish(
@@ -512,6 +647,10 @@ class Trainer:
             self.peak_memory = max(self.peak_memory, self._memory.current())
         row = " ".join("  -  " if np.isnan(v) else f"{v:.3f}" for v in self.R[k])
         log(f"[{self.method_name}] after task {k + 1}: {row} (train {train_s:.1f} s, eval {eval_s:.1f} s)")
+        if self.dist.is_distributed:
+            # Raises on every rank if any differs; a mismatched state is never checkpointed.
+            check_identical_across_ranks(self.method, label=f"the end of task {k + 1} of {self.method_name}")
+            self.state_checks += 1
         self.save_checkpoint()
         for callback in self.callbacks:
             callback(self, k)
