@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -25,6 +26,14 @@ import torch
 from treelora import demo, info
 from treelora._version import __version__
 from treelora.cl.checkpoint import CheckpointError
+from treelora.cl.distributed import (
+    CollectiveError,
+    DistributedContext,
+    StateMismatchError,
+    init_distributed,
+    run_on_main,
+    shutdown_distributed,
+)
 from treelora.cl.experiment import compare_methods
 from treelora.cl.registry import assign_method_options, canonical_method, method_label, registered_methods
 from treelora.cl.results import format_matrix, format_table, results_payload, write_results
@@ -34,8 +43,9 @@ from treelora.models import LoadedModel, ModelError, load_model
 
 DEFAULT_METHODS = "TreeLoRA,SeqLoRA"
 DEFAULT_OUT = "treelora-run"
-# Exit codes: 2 for bad input (argparse's own convention), 130 = 128 + SIGINT for Ctrl-C (the shell's convention).
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+# Exit codes: 1 for a failed run (the ranks' states differ, another rank failed), 2 for bad input (argparse's own
+# convention), 130 = 128 + SIGINT for Ctrl-C (the shell's convention).
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # Per-stream defaults of `treelora run` (each overridden by its flag). wordnet-supersense on minilm is the built-in
 # default run: 8 tasks of about 400 words, 3 epochs of batch 32 (39 optimizer steps per task); words are 3-6 word-piece
 # tokens, so 16 tokens never cut one. TreeLoRA and SeqLoRA together take about 75 s of wall time on a 2-core CPU
@@ -82,6 +92,11 @@ random subset. Example:
 
 Ctrl-C stops a run with one line naming the last finished task and the command that resumes it
 (exit code 130).
+
+Several processes: torchrun --standalone --nproc-per-node 2 -m treelora run ... (gloo on CPU,
+nccl with --device cuda). Each process trains on its share of every batch, the gradients are
+averaged once per step, and every process holds the same TreeLoRA state (checked after each task);
+process 0 prints and writes the results and checkpoints, and --resume works the same way.
 """
 
 
@@ -186,11 +201,33 @@ def _trainer_config(args: argparse.Namespace, defaults: dict[str, Any], device: 
         raise UsageError(str(e)) from None
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def _launcher(prog: str, single: str | None = None) -> str:
+    """How to launch this command again: ``single`` (default ``prog``) for one process; under torchrun, the torchrun
+    command for the same number of processes per node (``--standalone`` on one node)."""
+    world, local = _env_int("WORLD_SIZE") or 1, _env_int("LOCAL_WORLD_SIZE") or 1
+    if world == 1:
+        return single or prog
+    if world == local:
+        return f"torchrun --standalone --nproc-per-node {local} -m treelora"
+    return f"torchrun --nnodes {world // local} --nproc-per-node {local} <rendezvous options> -m treelora"
+
+
+def _rank_tag() -> str:
+    """`` (rank r of N)`` under torchrun, to say which process printed an error; empty for one process."""
+    world = _env_int("WORLD_SIZE") or 1
+    return f" (rank {_env_int('RANK') or 0} of {world})" if world > 1 else ""
+
+
 def _resume_command(args: argparse.Namespace) -> str:
     argv = list(args.argv)
     if "--resume" not in argv:
         argv.append("--resume")
-    return shlex.join([*shlex.split(args.prog), *argv])
+    return shlex.join([*shlex.split(_launcher(args.prog)), *argv])
 
 
 def _interrupted_line(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
@@ -224,11 +261,52 @@ def _cmd_run(args: argparse.Namespace) -> int:
     raw_options = _parse_options(args.method_option)
     method_options = _assign_options(methods, raw_options)
     device = _device(args.device)
-    # torch's default (one thread per core) unless --threads says otherwise: on an idle 2-core machine the default run
-    # took 73 s with 2 threads and 105 s with 1; on a machine shared with other jobs, --threads 1 avoids OpenMP threads
-    # spinning while others hold the cores (seen: 3.5 step/s with 1 thread vs 0.5 with 2).
+    context = _join_processes(device)
+    try:
+        return _run_methods(args, methods, raw_options, method_options, context)
+    finally:
+        shutdown_distributed(context)
+
+
+def _join_processes(device: str) -> DistributedContext:
+    """The process group torchrun describes (gloo on CPU, nccl on CUDA; each rank on cuda:LOCAL_RANK), or a single
+    process."""
+    if (_env_int("WORLD_SIZE") or 1) > 1 and torch.device(device).index is not None:
+        raise UsageError(
+            f"--device {device} names one GPU, which every process would share: under torchrun use --device cuda "
+            "(rank r takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs"
+        )
+    try:
+        return init_distributed(device=device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _threads(args: argparse.Namespace, context: DistributedContext) -> None:
+    """torch's default (one thread per core) unless --threads says otherwise; under torchrun the cores are divided
+    among the node's processes (torchrun itself sets OMP_NUM_THREADS=1)."""
+    # On an idle 2-core machine the default run took 73 s with 2 threads and 105 s with 1; on a machine shared with
+    # other jobs, --threads 1 avoids OpenMP threads spinning while others hold the cores (seen: 3.5 step/s with 1
+    # thread vs 0.5 with 2).
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif context.is_distributed:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = _env_int("LOCAL_WORLD_SIZE") or context.world_size
+        torch.set_num_threads(max(1, cores // local))
+
+
+def _run_methods(
+    args: argparse.Namespace,
+    methods: list[str],
+    raw_options: dict[str, Any],
+    method_options: dict[str, dict[str, Any]],
+    context: DistributedContext,
+) -> int:
+    _threads(args, context)
+    device = str(context.device)
+    # Rank 0 alone prints and writes; every rank trains (the state is the same everywhere).
+    say = print if context.is_main else _quiet
     kind = args.stream if args.stream in STREAMS else "trace"
     defaults = STREAM_DEFAULTS[kind]
     config = _trainer_config(args, defaults, device)
@@ -252,11 +330,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_compatible(stream, first_model)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(stream.summary())
-    print(
+    processes = ""
+    if context.is_distributed:
+        processes = f" per process; {context.world_size} processes ({context.backend}), batch split across them"
+    say(stream.summary())
+    say(
         f"model {model_name}: {first_model.kind}, {first_model.info['parameters'] / 1e6:.1f}M parameters; "
         f"methods {', '.join(methods)}; epochs {config.epochs}, batch {config.batch_size}, lr {config.lr:g}, "
         f"protocol {config.protocol}, seed {config.seed}, device {device}, {torch.get_num_threads()} threads"
+        + processes
     )
     model = {"name": model_name, "kind": first_model.kind, **first_model.info}
     # The model loaded for the checks above serves the first method; held only by this list until then, so that no
@@ -270,22 +352,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         results = compare_methods(
-            stream, next_model, methods, config, out, method_options=method_options, resume=args.resume
+            stream,
+            next_model,
+            methods,
+            config,
+            out,
+            method_options=method_options,
+            resume=args.resume,
+            distributed=context,
         )
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     wall = time.perf_counter() - start
     for r in results:
-        print()
-        print(format_matrix(r))
-    print()
-    print(format_table(results))
+        say()
+        say(format_matrix(r))
+    say()
+    say(format_table(results))
+    # compare_methods raised if any method's state differed between ranks at the end of any task.
     payload = results_payload(
-        "treelora " + shlex.join(args.argv), stream, model, raw_options, results, wall_seconds=wall
+        shlex.join([*shlex.split(_launcher(args.prog, "treelora")), *args.argv]),
+        stream,
+        model,
+        raw_options,
+        results,
+        wall_seconds=wall,
+        distributed=context.record(state_identical_across_ranks=True),
     )
-    written = write_results(out, payload, results, log=lambda msg: print(f"treelora run: {msg}", file=sys.stderr))
-    print(f"\nwall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in written))
+    written = run_on_main(
+        write_results, out, payload, results, log=lambda msg: print(f"treelora run: {msg}", file=sys.stderr)
+    )
+    say(f"\nwall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """print() on ranks other than 0."""
 
 
 # --- bench -----------------------------------------------------------------------------------------------------------
@@ -345,14 +447,23 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the adapters, heads, data order and subsets")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda, cuda:1, ... (under torchrun: cpu, or cuda for one GPU per process)",
+    )
     p.add_argument(
         "--protocol",
         choices=("task", "class"),
         default="task",
         help="task-incremental (a head per task) or class-incremental (all seen classes compete)",
     )
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training batch size (default: per stream); under torchrun the global batch, split across the processes",
+    )
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per stream)")
     p.add_argument(
         "--schedule",
@@ -382,7 +493,8 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: one per core; 1 helps on a busy shared machine)",
+        help="torch CPU threads per process (default: one per core, divided among the processes under torchrun; "
+        "1 helps on a busy shared machine)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_run)
@@ -410,14 +522,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "treelora") -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
-        print(f"treelora {args.command}: error: {e}", file=sys.stderr)
+        print(f"treelora {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
+        if (_env_int("RANK") or 0) != 0:
+            return EXIT_INTERRUPTED  # rank 0 prints the line for every process
         if args.command == "run":
             print(f"treelora run: {_interrupted_line(args, e)}", file=sys.stderr)
         else:
             print(f"treelora {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except StateMismatchError as e:
+        # Raised on every rank together, with the same message: rank 0 prints it.
+        if (_env_int("RANK") or 0) == 0:
+            print(f"treelora {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except CollectiveError as e:
+        print(f"treelora {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
