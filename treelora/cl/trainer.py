@@ -88,9 +88,9 @@ class TrainerConfig:
 
     Args:
         epochs: epochs per task: one number for every task, or one per task.
-        batch_size: training batch size.
-        eval_batch_size: evaluation batch size of classification tasks (multiple-choice questions are scored one at a
-            time, their options sharing the prompt's key/value cache).
+        batch_size: training batch size (under several processes the global batch, split across the ranks).
+        eval_batch_size: evaluation batch size of classification tasks, per process (multiple-choice questions are
+            scored one at a time, their options sharing the prompt's key/value cache).
         lr, betas, eps, weight_decay: AdamW settings of the adapters and heads.
         schedule: learning-rate schedule within each task: ``constant``, ``linear`` (decay to 0) or ``cosine``.
         warmup_ratio: share of each task's steps with a linear warm-up.
@@ -337,7 +337,8 @@ class Trainer:
         each rank scores its share of every test set and the counts are summed over ranks in one collective, so every
         rank returns the numbers one process would."""
         counts = [c for j in tasks for c in self.evaluator.counts(j, upto)]
-        counts = sum_across_ranks(counts)
+        if self.dist.is_distributed:
+            counts = sum_across_ranks(counts)
         return [correct / total for correct, total in zip(counts[0::2], counts[1::2])]
 
     # --- training --------------------------------------------------------------------------------------------------
@@ -422,9 +423,11 @@ class Trainer:
         base_lr = self.method.optim.lr
         rank, world = self.dist.rank, self.dist.world_size
         # A method may draw random numbers at a task boundary (a fresh adapter): every rank must draw the same ones.
-        broadcast_rng_state()
+        if world > 1:
+            broadcast_rng_state()
         self.method.begin_task(index, steps_per_epoch, epochs)
-        seed_per_rank()  # then independent dropout masks per rank
+        if world > 1:
+            seed_per_rank()  # then independent dropout masks per rank
         self.model.train()
         bar = Progress(total, label, cfg.progress and self.dist.is_main)
         epoch_losses, step = [], 0
@@ -472,7 +475,8 @@ class Trainer:
         except KeyboardInterrupt:
             bar.abandon()
             raise
-        broadcast_rng_state()
+        if world > 1:
+            broadcast_rng_state()
         self.method.end_task()
         bar.close()
         return epoch_losses, step
@@ -509,7 +513,10 @@ class Trainer:
         processes rank 0 writes it (the state is the same on every rank) and an error there raises on every rank."""
         if self.checkpoints is None:
             return
-        run_on_main(self._write_checkpoint)
+        if self.dist.is_distributed:
+            run_on_main(self._write_checkpoint)
+        else:
+            self._write_checkpoint()
         self.checkpointed = self.completed
 
     def _write_checkpoint(self) -> None:
