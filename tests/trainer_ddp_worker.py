@@ -17,6 +17,7 @@ from transformers import Trainer
 
 from tests.test_integrations import CONFIGS, MICRO_BATCH, Recorder, arguments, peft_model, task_data
 from treelora.cl import TreeLoRAConfig
+from treelora.cl.distributed import end_worker_process
 from treelora.integrations import TreeLoRACallback, causal_lm_loss
 
 
@@ -70,3 +71,6 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():  # the Trainer's process group
+        torch.distributed.destroy_process_group()
+        end_worker_process(0)  # skips the interpreter's shutdown, where torch's gloo threads can abort (see its doc)
