@@ -233,6 +233,8 @@ struct DropoutParams {
 
 class DropoutStream {
  public:
+  // A stream that keeps everything without reading any seed (for kernels whose dropout is off).
+  __device__ __forceinline__ DropoutStream() : key_(0), offset_(0), threshold_(1u << 24), cached_group_(-1) {}
   __device__ __forceinline__ DropoutStream(const DropoutParams& p)
       : key_(static_cast<uint64_t>(p.seed_offset[0])),
         offset_(static_cast<uint64_t>(p.seed_offset[1])),
@@ -245,7 +247,28 @@ class DropoutStream {
       words_ = philox4x32_10(static_cast<uint64_t>(group), offset_, key_);
       cached_group_ = group;
     }
-    return (words_.w[element & 3] >> 8) < threshold_;
+    // A select, not words_.w[element & 3]: a run-time index into a register array would put it in local memory.
+    const int i = static_cast<int>(element & 3);
+    const uint32_t word = i == 0 ? words_.w[0] : (i == 1 ? words_.w[1] : (i == 2 ? words_.w[2] : words_.w[3]));
+    return (word >> 8) < threshold_;
+  }
+
+  // Keep decisions of the n <= 8 consecutive elements e0 .. e0 + n as bits (bit i: element e0 + i), one Philox draw
+  // per group of 4 they touch (2 for an aligned run of 8), from one copy of the generator's code: the tile loaders
+  // call it for every run, and an unrolled keep() per element would inline ten Philox rounds eight times over.
+  __device__ __forceinline__ uint32_t keep_bits(int64_t e0, int n) const {
+    uint32_t bits = 0;
+    const int64_t last = (e0 + n - 1) >> 2;
+#pragma unroll 1
+    for (int64_t group = e0 >> 2; group <= last; ++group) {
+      const Philox4 w = philox4x32_10(static_cast<uint64_t>(group), offset_, key_);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t e = group * 4 + i - e0;
+        if (e >= 0 && e < n && (w.w[i] >> 8) < threshold_) bits |= 1u << e;
+      }
+    }
+    return bits;
   }
 
  private:

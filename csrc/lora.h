@@ -1,17 +1,23 @@
-// LoRA-branch kernels of the fused LoRA linear (SPEC 3.1, "graph split"), torch-free. The large GEMMs x W^T and dy W
-// stay with cuBLAS (called from Python); these kernels do the rank-r work around them:
+// LoRA-branch kernels of the fused LoRA linear (SPEC 3.1, "graph split"), torch-free, on tensor cores (lora.cu). The
+// large GEMMs x W^T and dy W stay with cuBLAS, called from Python, which adds each into the term these kernels write
+// (beta = 1: cuBLAS reads it in its epilogue):
 //
-//   shrink       u  = scale * drop(x) A^T                      (M, r) fp32, split-K with deterministic partials
-//   expand       out = bias + scale * keep (.) (u P^T)         (M, C) in the activation dtype, written once; cuBLAS
-//                                                              then accumulates the base GEMM into it (beta = 1)
-//   backward_dy  du = scale * dy B  and  dB = dy^T u[:, f:]    one read of dy for both
-//   grad_a       dA = scale * du[:, f:]^T drop(x)              split-M with deterministic partials
-//   dropout_mask the keep mask of a forward, regenerated (for tests)
+//   forward   u = scale * drop(x) A^T          (M, r) fp32, kept for the backward
+//             T = bias + u B^T                 (M, N) in x's dtype; then y = T + x W^T
+//   backward  du = scale * dy B                (M, r) fp32, in the workspace
+//             dB = dy^T u[:, f:]               (N, r - f) in dB's dtype
+//             dxT = keep * (du A) * inv_keep   (M, K) in x's dtype; then dx = dxT + dy W
+//             dA = inv_keep * du[:, f:]^T (keep * x)   (r - f, K) in dA's dtype
 //
-// Operands are addressed with explicit strides so that A (r, K) and B (N, r) serve both as the row-dot operand
-// P(c, j) = p[c * p_stride_c + j * p_stride_j] of the panel kernel and as the expand operand. Dropout keeps element
-// (m, c) of the logical (M, K) input with the Philox stream of device_utils.cuh keyed by a device {seed, offset}
-// pair, so neither the mask nor the dropped activations are ever stored.
+// Rounding: every product is summed in fp32 and each output is rounded once, to its dtype. T and dxT are therefore
+// rounded to the activation dtype before cuBLAS adds the base GEMM and rounds again: y = rnd(x W^T + rnd(T)) (two
+// roundings, the extra one bounded by half an ulp of T). MMA operands are in the activation dtype (fp32 activations:
+// three bf16 terms per value), see lora.cu.
+//
+// Dropout keeps element (m, c) of the logical (M, K) input with the Philox stream of device_utils.cuh keyed by a
+// device {seed, offset} pair (one Philox4x32-10 draw per 4 elements), so neither the mask nor the dropped activations
+// are ever stored. Frozen adapters: the first f rows of A / columns of B take part in T, du and dxT; dA and dB cover
+// the trainable ranks f .. r only.
 #pragma once
 
 #include <cstdint>
@@ -26,35 +32,35 @@ struct LoraDropout {
   uint32_t keep_threshold;
 };
 
-// fp32 elements of workspace the panel kernels need for an (M, C) input with `r_row` row-dot outputs per row and
-// `r_col` column-sum outputs per column (0 when that part is not computed), on a device with `num_sms` SMs.
-int64_t lora_panel_workspace_size(int64_t M, int64_t C, int64_t r_row, int64_t r_col, int64_t num_sms);
+// A strided matrix operand of a run-time dtype: element (i, j) at data[i * stride0 + j * stride1]. A is passed as
+// (r, K) and B as (N, r).
+struct LoraMatrix {
+  const void* data;
+  DType dtype;
+  int64_t stride0, stride1;
+};
 
-// u (M, r) fp32 contiguous = scale * drop(x) A^T. x: (M, K) with row stride ldx (elements, column stride 1).
-void lora_shrink(const void* x, DType x_dtype, int64_t ldx, int64_t M, int64_t K, const void* a, DType a_dtype,
-                 int64_t a_stride_k, int64_t a_stride_j, int64_t r, float scale, LoraDropout dropout, float* workspace,
-                 float* u, int64_t num_sms, cudaStream_t stream, const char* entry);
+// fp32 elements of workspace lora_forward needs (split-K partial sums of u; 0 when the batch alone fills the GPU).
+int64_t lora_forward_workspace_size(int64_t M, int64_t K, int64_t N, int64_t r, DType x_dtype, int64_t num_sms);
 
-// du (M, r) fp32 contiguous = scale * dy B (skipped when du == nullptr) and dB (N, r_t) = dy^T u[:, f:f + r_t] in
-// db_dtype with row stride r_t (skipped when db == nullptr). u: (M, ldu) fp32. One pass over dy.
-void lora_backward_dy(const void* dy, DType dy_dtype, int64_t lddy, int64_t M, int64_t N, const void* b, DType b_dtype,
-                      int64_t b_stride_n, int64_t b_stride_j, int64_t r, float scale, float* du, const float* u,
-                      int64_t ldu, int64_t f, int64_t r_t, void* db, DType db_dtype, float* workspace,
-                      int64_t num_sms, cudaStream_t stream, const char* entry);
+// u (M, r) fp32 contiguous and T (M, N) in x's dtype with row stride ldt. x: (M, K) with row stride ldx (column
+// stride 1); bias (N,) or null.
+void lora_forward(const void* x, DType x_dtype, int64_t ldx, int64_t M, int64_t K, int64_t N, int64_t r, LoraMatrix a,
+                  LoraMatrix b, const void* bias, DType bias_dtype, float scale, LoraDropout dropout, float* u,
+                  void* t, int64_t ldt, float* workspace, int64_t num_sms, cudaStream_t stream, const char* entry);
 
-// dA (r_t, K) in da_dtype, row stride K = scale * du[:, f:f + r_t]^T drop(x). du: (M, ldu) fp32.
-void lora_grad_a(const void* x, DType x_dtype, int64_t ldx, int64_t M, int64_t K, const float* du, int64_t ldu,
-                 int64_t f, int64_t r_t, float scale, LoraDropout dropout, void* da, DType da_dtype,
-                 float* workspace, int64_t num_sms, cudaStream_t stream, const char* entry);
+// fp32 elements of workspace lora_backward needs for the outputs requested (du, partial sums, counters).
+int64_t lora_backward_workspace_size(int64_t M, int64_t N, int64_t K, int64_t r, int64_t f, DType dtype, bool need_dx,
+                                     bool need_da, bool need_db, int64_t num_sms);
 
-// out (M, C) row stride ldo, out_dtype = bias[c] + scale * keep(m, c) * sum_j u[m, j] P(c, j); u (M, ldu) fp32,
-// P(c, j) = p[c * p_stride_c + j * p_stride_j], j < r; bias may be null; keep applies only with dropout.
-void lora_expand(const float* u, int64_t ldu, int64_t M, int64_t C, int64_t r, const void* p, DType p_dtype,
-                 int64_t p_stride_c, int64_t p_stride_j, const void* bias, DType bias_dtype, float scale,
-                 LoraDropout dropout, void* out, DType out_dtype, int64_t ldo, cudaStream_t stream, const char* entry);
+// dxT (skipped when null), dA and dB (skipped when null) from dy (M, N) and x (M, K), both in `dtype`, and the
+// forward's u (M, r) fp32 contiguous. dA: (r - f, K) row-major; dB: (N, r - f) row-major; dxT: row stride lddx.
+void lora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx, DType dtype, int64_t M, int64_t N,
+                   int64_t K, int64_t r, int64_t f, LoraMatrix a, LoraMatrix b, const float* u, float scale,
+                   LoraDropout dropout, float inv_keep, void* dxt, int64_t lddx, void* da, DType da_dtype, void* db,
+                   DType db_dtype, float* workspace, int64_t num_sms, cudaStream_t stream, const char* entry);
 
-// keep (M, C) uint8 contiguous: the dropout decisions lora_shrink / lora_expand / lora_grad_a make for these
-// parameters.
+// keep (M, C) uint8 contiguous: the dropout decisions lora_forward / lora_backward make for these parameters.
 void lora_dropout_mask(LoraDropout dropout, int64_t M, int64_t C, uint8_t* keep, cudaStream_t stream,
                        const char* entry);
 

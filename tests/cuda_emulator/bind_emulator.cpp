@@ -30,9 +30,11 @@ void bind_emulator(py::module_& m) {
         out["launches"] = c.launches;
         out["blocks"] = c.blocks;
         out["threads"] = c.threads;
+        out["bank_conflicts"] = c.bank_conflicts;
         return out;
       },
-      "Kernel launches, blocks and threads run since the module was loaded.");
+      "Kernel launches, blocks and threads run, and the extra shared-memory wavefronts (bank conflicts) of the "
+      "ldmatrix and 16-byte shared stores, since the module was loaded.");
   py::module_ st = m.def_submodule("selftest", "Kernels that check the emulator itself (tests/cuda_emulator).");
   st.def("butterfly", &emu_selftest::butterfly, py::arg("threads"), py::arg("blocks"));
   st.def("rotate", &emu_selftest::rotate, py::arg("threads"), py::arg("blocks"), py::arg("sync"));

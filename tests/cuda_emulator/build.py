@@ -47,7 +47,8 @@ KEEP_BUILDS = 2
 _COMMON_FLAGS = ["-std=c++20", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
 _KERNEL_OPT, _GLUE_OPT = "-O2", "-O1"
 # nvcc defines __CUDA_ARCH__ in device compilation; csrc/ uses it to pick __umulhi, which the stand-in provides.
-_KERNEL_DEFINES = ["-D__CUDA_ARCH__=800"]
+# TREELORA_CUDA_EMULATOR makes csrc/lora_mma.cuh call the emulator's ldmatrix / mma.sync / st.shared instead of PTX.
+_KERNEL_DEFINES = ["-D__CUDA_ARCH__=800", "-DTREELORA_CUDA_EMULATOR"]
 # Recoverable, so that runtime.cc can turn a report into an error of the launch instead of an abort whose message
 # pytest's output capture would swallow. The link keeps only the first flag, which pulls in UBSan's runtime.
 _SANITIZE_FLAGS = ["-fsanitize=alignment,bounds", "-fsanitize-recover=alignment,bounds", "-DTREELORA_EMULATOR_UBSAN"]

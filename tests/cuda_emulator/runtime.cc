@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 #include "cuda_runtime.h"
 
 thread_local uint3 threadIdx, blockIdx;
@@ -37,6 +39,7 @@ constexpr size_t kStackBytes = 256 * 1024;  // kernels keep a few KB of locals; 
 constexpr size_t kGuardBytes = 4096;        // an overflow faults on this page instead of corrupting a neighbour
 constexpr unsigned kWarp = 32;
 constexpr unsigned kMaxThreads = 1024;
+constexpr size_t kSlotBytes = 32;  // the largest per-lane operand a warp-collective moves: an MMA's A and B fragments
 
 Config g_config;
 Counters g_counters;
@@ -72,7 +75,7 @@ struct WarpSync {
   unsigned arrived = 0;  // lanes that reached it
   unsigned exited = 0;   // lanes whose thread ended
   uint64_t generation = 0;
-  alignas(16) unsigned char slots[2][kWarp][8];  // double-buffered by generation: see warp_exchange
+  alignas(16) unsigned char slots[2][kWarp][kSlotBytes];  // double-buffered by generation: see warp_deposit
 };
 
 // Everything about the block being run. Lives on the launching thread's stack for the duration of one block.
@@ -306,15 +309,17 @@ void sync_block() {
   yield();
 }
 
+namespace {
+
 // Lane `lane` deposits its value in the slot buffer of the current generation and waits until every lane of the mask
-// has deposited; then it reads the source lane's slot. A lane that runs ahead to the next shuffle writes the other
-// buffer, and cannot get past it before every lane has arrived there, that is, has finished reading this one.
-void warp_exchange(unsigned mask, const void* value, void* out, size_t bytes, unsigned src_lane) {
+// has deposited; then it reads the slots it needs (the returned buffer, 32 lanes x kSlotBytes). A lane that runs
+// ahead to the next collective writes the other buffer, and cannot get past that one before every lane has arrived
+// there, that is, has finished reading this one.
+const unsigned char (*warp_deposit(unsigned mask, const void* value, size_t bytes))[kSlotBytes] {
   Block& b = *t_block;
   const unsigned tid = b.current, lane = tid % kWarp;
   WarpSync& w = b.warps[tid / kWarp];
   if (!(mask >> lane & 1u)) fail("a lane called a shuffle whose mask excludes it");
-  if (!(mask >> src_lane & 1u)) fail("a shuffle reads lane " + std::to_string(src_lane) + ", which its mask excludes");
   if (mask & w.exited) fail("a shuffle mask names lanes that have ended or do not exist");
   if (w.arrived == 0) {
     w.mask = mask;
@@ -333,7 +338,119 @@ void warp_exchange(unsigned mask, const void* value, void* out, size_t bytes, un
       if (b.fibers[first + l].state == State::kAtShuffle) mark_ready(b, first + l);
   }
   yield();
-  std::memcpy(out, w.slots[generation & 1][src_lane], bytes);
+  return w.slots[generation & 1];
+}
+
+
+// --- tensor-core instructions ------------------------------------------------------------------------------------
+// ldmatrix, mma.sync and st.shared.v4 of csrc/lora_mma.cuh: warp-collective, so every lane of the warp must execute
+// them (the PTX instructions are .aligned); each lane gets its part with the PTX ISA's fragment layouts.
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+unsigned current_lane() { return t_block->current % kWarp; }
+
+// The extra shared-memory wavefronts of one access phase: the 16-byte groups (bank quadruples) its addresses hit.
+// Lanes of a phase that address the same 16-byte chunk are served together (a broadcast).
+void count_bank_conflicts(const uintptr_t* addresses, unsigned count) {
+  unsigned per_group[8] = {};
+  uintptr_t seen[8][32];
+  for (unsigned i = 0; i < count; ++i) {
+    const uintptr_t chunk = addresses[i] >> 4;
+    const unsigned group = static_cast<unsigned>(chunk & 7u);
+    bool duplicate = false;
+    for (unsigned j = 0; j < per_group[group]; ++j) duplicate |= seen[group][j] == chunk;
+    if (!duplicate) seen[group][per_group[group]++] = chunk;
+  }
+  unsigned worst = 0;
+  for (unsigned g = 0; g < 8; ++g) worst = per_group[g] > worst ? per_group[g] : worst;
+  if (worst > 1) g_counters.bank_conflicts += worst - 1;
+}
+
+// The .aligned PTX instructions need every lane of the warp; a warp with ended lanes would hang or misbehave on a GPU.
+void require_full_warp(const char* what) {
+  const Block& b = *t_block;
+  if (b.warps[b.current / kWarp].exited != 0)
+    fail(std::string(what) + " executed by a warp some of whose lanes ended or do not exist (it needs all 32)");
+}
+
+void require_aligned16(const void* address, const char* what) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) fail(std::string(what) + " address is not 16-byte aligned");
+}
+
+}  // namespace
+
+void warp_exchange(unsigned mask, const void* value, void* out, size_t bytes, unsigned src_lane) {
+  if (!(mask >> src_lane & 1u)) fail("a shuffle reads lane " + std::to_string(src_lane) + ", which its mask excludes");
+  std::memcpy(out, warp_deposit(mask, value, bytes)[src_lane], bytes);
+}
+
+void ptx_ldmatrix_x4(uint32_t (&r)[4], bool trans, const void* row) {
+  require_full_warp("ldmatrix");
+  require_aligned16(row, "ldmatrix row");
+  const auto slots = warp_deposit(kFullMask, &row, sizeof(row));
+  const void* rows[kWarp];
+  for (unsigned l = 0; l < kWarp; ++l) std::memcpy(&rows[l], slots[l], sizeof(const void*));
+  const unsigned lane = current_lane(), g = lane / 4, t = lane % 4;
+  if (lane == 0) {  // each 8 x 8 matrix is one access phase of 8 rows x 16 bytes
+    for (unsigned m = 0; m < 4; ++m) {
+      uintptr_t addresses[8];
+      for (unsigned i = 0; i < 8; ++i) addresses[i] = reinterpret_cast<uintptr_t>(rows[8 * m + i]);
+      count_bank_conflicts(addresses, 8);
+    }
+  }
+  for (unsigned m = 0; m < 4; ++m) {
+    uint16_t lo, hi;
+    if (!trans) {  // row g of matrix m, elements 2t and 2t + 1
+      const uint16_t* src = static_cast<const uint16_t*>(rows[8 * m + g]);
+      lo = src[2 * t];
+      hi = src[2 * t + 1];
+    } else {  // rows 2t and 2t + 1 of matrix m, element g
+      lo = static_cast<const uint16_t*>(rows[8 * m + 2 * t])[g];
+      hi = static_cast<const uint16_t*>(rows[8 * m + 2 * t + 1])[g];
+    }
+    r[m] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+}
+
+void ptx_mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Operands {
+    uint32_t a[4], b[2];
+  };
+  require_full_warp("mma.sync");
+  const Operands mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  const auto slots = warp_deposit(kFullMask, &mine, sizeof(mine));
+  Operands all[kWarp];
+  for (unsigned l = 0; l < kWarp; ++l) std::memcpy(&all[l], slots[l], sizeof(Operands));
+  auto value = [bf16](uint32_t reg, unsigned half) {
+    const uint16_t bits = static_cast<uint16_t>(reg >> (16 * half));
+    return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+  };
+  // A[row][k] lives in lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
+  // B[k][n] in lane 4 n + (k % 8) / 2, register k / 8, half k % 2.
+  auto A = [&](unsigned row, unsigned k) { return value(all[4 * (row % 8) + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k % 2); };
+  auto B = [&](unsigned k, unsigned n) { return value(all[4 * n + (k % 8) / 2].b[k / 8], k % 2); };
+  const unsigned lane = current_lane(), g = lane / 4, t = lane % 4;
+  for (unsigned i = 0; i < 4; ++i) {  // c0..c3: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+    const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    double sum = d[i];
+    for (unsigned k = 0; k < 16; ++k) sum += double(A(row, k)) * double(B(k, col));
+    d[i] = static_cast<float>(sum);
+  }
+}
+
+void ptx_st_shared_16B(void* dst, const void* value) {
+  require_full_warp("st.shared.v4");
+  require_aligned16(dst, "16-byte shared store");
+  const auto slots = warp_deposit(kFullMask, &dst, sizeof(dst));
+  if (current_lane() == 0) {  // 16-byte accesses are served 8 lanes per phase
+    for (unsigned phase = 0; phase < 4; ++phase) {
+      uintptr_t addresses[8];
+      for (unsigned i = 0; i < 8; ++i) std::memcpy(&addresses[i], slots[8 * phase + i], sizeof(uintptr_t));
+      count_bank_conflicts(addresses, 8);
+    }
+  }
+  std::memcpy(dst, value, 16);
 }
 
 void poison_shared(void* address, size_t bytes) {

@@ -12,6 +12,9 @@ struct Config {
 
 struct Counters {
   uint64_t launches = 0, blocks = 0, threads = 0;
+  // Extra shared-memory wavefronts of the ldmatrix and st.shared.v4 instructions (csrc/lora_mma.cuh): 0 when every
+  // access phase touches each 16-byte bank group at most once.
+  uint64_t bank_conflicts = 0;
 };
 
 Config& config();

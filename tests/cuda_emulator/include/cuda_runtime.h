@@ -63,6 +63,7 @@ struct alignas(8) uint2 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 // --- emulator core (tests/cuda_emulator/runtime.cc) ----------------------------------------------------------------
@@ -79,6 +80,14 @@ void run_grid(const char* kernel, const char* where, dim3 grid, dim3 block, size
 void sync_block();
 void warp_exchange(unsigned mask, const void* value, void* out, size_t bytes, unsigned src_lane);
 void poison_shared(void* address, size_t bytes);
+
+// The PTX instructions of csrc/lora_mma.cuh (compiled with TREELORA_CUDA_EMULATOR), warp-collective like the real
+// ones: ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 with this lane's row address; mma.sync.aligned.m16n8k16
+// .row.col.f32.{bf16,f16} (d += A B, products summed in double and rounded to float once); st.shared.v4.b32. Each
+// lane gets its part with the PTX ISA's fragment layouts; ldmatrix and the store count their bank conflicts.
+void ptx_ldmatrix_x4(uint32_t (&r)[4], bool trans, const void* row);
+void ptx_mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+void ptx_st_shared_16B(void* dst, const void* value);
 
 template <class... P, class... A>
 void launch(const char* name, const char* where, void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_smem,
@@ -105,6 +114,13 @@ extern thread_local uint3 threadIdx, blockIdx;
 extern thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads() { emu::sync_block(); }
+// Blocks run one after another: every write of an earlier block is visible to a later one without a fence.
+inline void __threadfence() {}
+// A load that bypasses L1 (ld.global.cg): a plain load here, where there is no cache to bypass.
+template <class T>
+inline T __ldcg(const T* address) {
+  return *address;
+}
 
 // Lane l reads `var` of lane l ^ lane_mask; a source outside l's group of `width` lanes reads l's own value.
 template <class T>

@@ -62,174 +62,131 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, (t.stride(0) if t.shape[0] > 1 else t.shape[1])
 
 
-def _workspace(C, device: torch.device, M: int, cols: int, r_row: int, r_col: int) -> torch.Tensor:
-    size = C.lora_panel_workspace_size(M, cols, r_row, r_col, cc.num_sms(device))
-    return torch.empty(max(size, 1), dtype=torch.float32, device=device)
-
-
-def shrink(
-    x2d: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch.Tensor | None, dropout_p: float
-) -> torch.Tensor:
-    """u (M, r) fp32 = scale · drop(x) Aᵀ. x2d (M, K) with unit column stride; lora_A (r, K) any strides."""
-    C = _cpp_lib.require("lora_shrink")
-    x, ldx = _rows(x2d)
-    M, K = x.shape
-    r = lora_A.shape[0]
-    device = x.device
-    u = torch.empty(M, r, dtype=torch.float32, device=device)
-    ws = _workspace(C, device, M, K, r, 0)
-    with env.device_guard(device):
-        C.lora_shrink(
-            cc.ptr(x),
-            cc.dtype_code(x, "x"),
-            ldx,
-            M,
-            K,
-            cc.ptr(lora_A),
-            cc.dtype_code(lora_A, "lora_A"),
-            lora_A.stride(1),
-            lora_A.stride(0),
-            r,
-            scale,
-            cc.ptr(seed),
-            keep_threshold(dropout_p),
-            cc.ptr(ws),
-            cc.ptr(u),
-            cc.num_sms(device),
-            cc.stream_handle(device),
-        )
-    return u
-
-
-def expand(
-    u: torch.Tensor,
-    operand: torch.Tensor,
-    stride_c: int,
-    stride_j: int,
-    cols: int,
+def forward_terms(
+    x2d: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
     seed: torch.Tensor | None,
     dropout_p: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """out (M, cols) in ``dtype`` = bias + scale · keep ⊙ (u Pᵀ) with P(c, j) = operand[c·stride_c + j·stride_j].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """u (M, r) fp32 = scale · drop(x) Aᵀ and T (M, N) = bias + u Bᵀ in x's dtype, on tensor cores.
 
-    u: (M, r) fp32 contiguous; the keep mask applies only when ``seed`` is given.
+    x2d: (M, K) with unit column stride; lora_A (r, K) and lora_B (N, r) of any strides and float dtypes; bias (N,)
+    or None. The dropout mask applies only when ``seed`` is given.
     """
-    C = _cpp_lib.require("lora_expand")
-    M, r = u.shape
-    device = u.device
-    out = torch.empty(M, cols, dtype=dtype, device=device)
+    C = _cpp_lib.require("lora_forward")
+    x, ldx = _rows(x2d)
+    M, K = x.shape
+    r, N = lora_A.shape[0], lora_B.shape[0]
+    device = x.device
+    x_code = cc.dtype_code(x, "x")
+    sms = cc.num_sms(device)
+    u = torch.empty(M, r, dtype=torch.float32, device=device)
+    t = torch.empty(M, N, dtype=x.dtype, device=device)
+    ws = torch.empty(max(C.lora_forward_workspace_size(M, K, N, r, x_code, sms), 1), dtype=torch.float32, device=device)
     with env.device_guard(device):
-        C.lora_expand(
-            cc.ptr(u),
-            r,
+        C.lora_forward(
+            cc.ptr(x),
+            x_code,
+            ldx,
             M,
-            cols,
+            K,
+            N,
             r,
-            cc.ptr(operand),
-            cc.dtype_code(operand, "operand"),
-            stride_c,
-            stride_j,
+            cc.ptr(lora_A),
+            cc.dtype_code(lora_A, "lora_A"),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            cc.ptr(lora_B),
+            cc.dtype_code(lora_B, "lora_B"),
+            lora_B.stride(0),
+            lora_B.stride(1),
             cc.ptr(bias),
             0 if bias is None else cc.dtype_code(bias, "bias"),
             scale,
             cc.ptr(seed),
             keep_threshold(dropout_p),
-            cc.ptr(out),
-            cc.dtype_code(out, "out"),
-            cols,
+            cc.ptr(u),
+            cc.ptr(t),
+            N,
+            cc.ptr(ws),
+            sms,
             cc.stream_handle(device),
         )
-    return out
+    return u, t
 
 
-def backward_dy(
+def backward_terms(
     dy: torch.Tensor,
+    x2d: torch.Tensor,
+    lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     u: torch.Tensor,
-    scaling: float,
-    frozen_rank: int,
-    need_du: bool,
-    need_db: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """du (M, r) fp32 = s · dy B and dB (N, r - f) = dyᵀ u[:, f:] in lora_B's dtype, from one read of dy (M, N)."""
-    C = _cpp_lib.require("lora_backward_dy")
+    state: _State,
+    seed: torch.Tensor | None,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dxT = keep ⊙ (du A)/(1-p) (M, K) in x's dtype, dA (r - f, K) = du[:, f:]ᵀ drop(x) in lora_A's dtype and
+    dB (N, r - f) = dyᵀ u[:, f:] in lora_B's dtype, with du = s · dy B, on tensor cores (None where not needed).
+
+    dy (M, N) and x2d (M, K) in one dtype with unit column strides; u (M, r) fp32 contiguous from the forward.
+    """
+    C = _cpp_lib.require("lora_backward")
     dy, lddy = _rows(dy)
+    x, ldx = _rows(x2d)
     M, N = dy.shape
-    r = lora_B.shape[1]
-    r_t = r - frozen_rank
-    device = dy.device
-    du = torch.empty(M, r, dtype=torch.float32, device=device) if need_du else None
-    db = torch.empty(N, r_t, dtype=lora_B.dtype, device=device) if need_db else None
-    ws = _workspace(C, device, M, N, r if need_du else 0, r_t if need_db else 0)
+    K = x.shape[1]
+    r = lora_A.shape[0]
+    f, p = state.frozen_rank, state.dropout_p
+    r_t = r - f
+    device = x.device
+    code = cc.dtype_code(x, "x")
+    sms = cc.num_sms(device)
+    dxt = torch.empty(M, K, dtype=x.dtype, device=device) if needs_dx else None
+    dA = torch.empty(r_t, K, dtype=lora_A.dtype, device=device) if needs_dA else None
+    dB = torch.empty(N, r_t, dtype=lora_B.dtype, device=device) if needs_dB else None
+    size = C.lora_backward_workspace_size(M, N, K, r, f, code, needs_dx, needs_dA, needs_dB, sms)
+    ws = torch.empty(max(size, 1), dtype=torch.float32, device=device)
     with env.device_guard(device):
-        C.lora_backward_dy(
+        C.lora_backward(
             cc.ptr(dy),
-            cc.dtype_code(dy, "dy"),
             lddy,
+            cc.ptr(x),
+            ldx,
+            code,
             M,
             N,
+            K,
+            r,
+            f,
+            cc.ptr(lora_A),
+            cc.dtype_code(lora_A, "lora_A"),
+            lora_A.stride(0),
+            lora_A.stride(1),
             cc.ptr(lora_B),
             cc.dtype_code(lora_B, "lora_B"),
             lora_B.stride(0),
             lora_B.stride(1),
-            r,
-            scaling,
-            cc.ptr(du),
             cc.ptr(u),
-            r,
-            frozen_rank,
-            r_t,
-            cc.ptr(db),
+            state.scaling,
+            cc.ptr(seed),
+            keep_threshold(p),
+            1.0 / (1.0 - p),
+            cc.ptr(dxt),
+            K,
+            cc.ptr(dA),
+            cc.dtype_code(lora_A, "lora_A"),
+            cc.ptr(dB),
             cc.dtype_code(lora_B, "lora_B"),
             cc.ptr(ws),
-            cc.num_sms(device),
+            sms,
             cc.stream_handle(device),
         )
-    return du, db
-
-
-def grad_a(
-    x2d: torch.Tensor,
-    du: torch.Tensor,
-    frozen_rank: int,
-    dtype: torch.dtype,
-    scale: float,
-    seed: torch.Tensor | None,
-    dropout_p: float,
-) -> torch.Tensor:
-    """dA (r - f, K) in ``dtype`` = scale · du[:, f:]ᵀ drop(x); du (M, r) fp32 contiguous, x2d (M, K)."""
-    C = _cpp_lib.require("lora_grad_a")
-    x, ldx = _rows(x2d)
-    M, K = x.shape
-    r = du.shape[1]
-    r_t = r - frozen_rank
-    device = x.device
-    da = torch.empty(r_t, K, dtype=dtype, device=device)
-    ws = _workspace(C, device, M, K, 0, r_t)
-    with env.device_guard(device):
-        C.lora_grad_a(
-            cc.ptr(x),
-            cc.dtype_code(x, "x"),
-            ldx,
-            M,
-            K,
-            cc.ptr(du),
-            r,
-            frozen_rank,
-            r_t,
-            scale,
-            cc.ptr(seed),
-            keep_threshold(dropout_p),
-            cc.ptr(da),
-            cc.dtype_code(da, "dA"),
-            cc.ptr(ws),
-            cc.num_sms(device),
-            cc.stream_handle(device),
-        )
-    return da
+    return dxt, dA, dB
 
 
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
@@ -254,7 +211,6 @@ def lora_linear_fwd(
     needs_grad: bool,
 ) -> tuple[torch.Tensor, tuple, Any]:
     """y (M, N) in x's dtype from x2d (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r)."""
-    N = weight.shape[0]
     dt = x2d.dtype
     x2d, _ = _rows(x2d)
     # cuBLAS needs W in x's dtype: a weight stored otherwise is converted (one pass over W per call).
@@ -262,8 +218,7 @@ def lora_linear_fwd(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=x2d.device)  # {seed, offset}, no host sync
-    u = shrink(x2d, lora_A, scaling / (1.0 - dropout_p), seed, dropout_p)
-    y = expand(u, lora_B, lora_B.stride(0), lora_B.stride(1), N, bias, 1.0, None, 0.0, dt)
+    u, y = forward_terms(x2d, lora_A, lora_B, bias, scaling / (1.0 - dropout_p), seed, dropout_p)
     y.addmm_(x2d, w.t())  # y += x Wᵀ with beta = 1: cuBLAS reads the LoRA term in its epilogue
     saved = (x2d, weight, lora_A, lora_B, u, seed) if needs_grad else ()
     return y, saved, _State(scaling, dropout_p, frozen_rank)
@@ -277,21 +232,13 @@ def lora_linear_bwd(
     dt = x2d.dtype
     dy = dy2d.to(dt)
     K = x2d.shape[1]
-    f, p = state.frozen_rank, state.dropout_p
-    r_t = lora_A.shape[0] - f
-    w = weight if weight.dtype == dt else weight.to(dt)
-    dx = dA = None
-    need_du = needs_dx or (needs_dA and r_t > 0)
-    du, dB = backward_dy(dy, lora_B, u, state.scaling, f, need_du, needs_dB)
+    r_t = lora_A.shape[0] - state.frozen_rank
+    dx, dA, dB = backward_terms(dy, x2d, lora_A, lora_B, u, state, seed, needs_dx, needs_dA and r_t > 0, needs_dB)
     if needs_dx:
-        dx = expand(du, lora_A, lora_A.stride(1), lora_A.stride(0), K, None, 1.0 / (1.0 - p), seed, p, dt)
+        w = weight if weight.dtype == dt else weight.to(dt)
         dx.addmm_(dy, w)  # dx += dy W with beta = 1
-    if needs_dA:
-        dA = (
-            grad_a(x2d, du, f, lora_A.dtype, 1.0 / (1.0 - p), seed, p)
-            if r_t > 0
-            else torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
-        )
+    if needs_dA and dA is None:
+        dA = torch.zeros(0, K, dtype=lora_A.dtype, device=x2d.device)
     return dx, dA, dB
 
 
