@@ -77,6 +77,28 @@ void bind_lora(py::module_& m) {
       "dxT = keep (du A) inv_keep, dA = inv_keep du[:, f:]^T (keep x), dB = dy^T u[:, f:] with du = scale dy B "
       "(tensor cores; null outputs are skipped).");
   m.def(
+      "lora_plan",
+      [](int64_t M, int64_t K, int64_t N, int64_t r, int64_t f, int dtype, int64_t num_sms, bool need_dx,
+         bool need_da, bool need_db) {
+        const LoraPlanInfo p =
+            lora_plan(M, K, N, r, f, static_cast<DType>(dtype), num_sms, need_dx, need_da, need_db);
+        py::dict out;
+        out["rank_chunk"] = p.rank_chunk;
+        out["chunks"] = p.chunks;
+        out["shrink_k_panels"] = p.shrink_k_panels;
+        out["expand_c_panels"] = p.expand_c_panels;
+        out["dy_m_panels"] = p.dy_m_panels;
+        out["dy_n_panels"] = p.dy_n_panels;
+        out["x_m_panels"] = p.x_m_panels;
+        out["forward_workspace"] = p.forward_workspace;
+        out["backward_workspace"] = p.backward_workspace;
+        out["counters"] = p.counters;
+        return out;
+      },
+      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("r"), py::arg("f"), py::arg("dtype"), py::arg("num_sms"),
+      py::arg("need_dx"), py::arg("need_da"), py::arg("need_db"),
+      "The block decomposition lora_forward / lora_backward use (no device needed).");
+  m.def(
       "lora_dropout_mask",
       [](std::uintptr_t seed_offset, uint32_t keep_threshold, int64_t M, int64_t C, std::uintptr_t keep,
          std::uintptr_t stream) {

@@ -45,6 +45,13 @@ constexpr uint32_t kKeepAll = 1u << 24;  // a keep threshold of 2^24 keeps every
 constexpr int kStreamBlocksPerSm = 4;
 constexpr int kWideBlocksPerSm = 2;
 
+// Minimum resident blocks per SM promised to the compiler (__launch_bounds__) for the 128-thread kernels: 4 caps them
+// at 128 registers; rank chunks of 64 need a few more (their u / A fragments are 4 times as wide), so 3 (168).
+template <int RC>
+constexpr int stream_min_blocks() {
+  return RC == 64 ? 3 : kStreamBlocksPerSm;
+}
+
 enum class Prec { kBF16, kF16, kF32 };
 
 // Activations in memory (Act), the MMA operand type (Elem), 16-bit terms per value and the activation tile width.
@@ -354,14 +361,16 @@ __device__ __forceinline__ void store8(Act* out, int64_t ld, int64_t M, int64_t 
     v.y = w[1];
     v.z = w[2];
     v.w = w[3];
-    *reinterpret_cast<uint4*>(dst) = v;
+    tc::stg128(dst, v);
     return;
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     if (col + e < C) {
       const uint16_t bits = static_cast<uint16_t>(w[e / 2] >> (16 * (e % 2)));
-      memcpy(dst + e, &bits, 2);
+      Act v;
+      memcpy(&v, &bits, 2);
+      dst[e] = v;
     }
   }
 }
@@ -384,7 +393,12 @@ __device__ __forceinline__ void store_block(Act* out, int64_t ld, int64_t M, int
       if (row >= M) continue;
       float* dst = reinterpret_cast<float*>(out) + row * ld + col;
       if (vec_ok && col + 4 <= C) {
-        *reinterpret_cast<float4*>(dst) = make_float4(q[0], q[1], q[2], q[3]);
+        uint4 v;
+        v.x = __float_as_uint(q[0]);
+        v.y = __float_as_uint(q[1]);
+        v.z = __float_as_uint(q[2]);
+        v.w = __float_as_uint(q[3]);
+        tc::stg128(dst, v);
       } else {
 #pragma unroll
         for (int e = 0; e < 4; ++e)
@@ -436,7 +450,7 @@ struct ShrinkArgs {
 };
 
 template <Prec P, int RC>
-__global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) lora_shrink_kernel(ShrinkArgs a) {
+__global__ void __launch_bounds__(kStreamThreads, stream_min_blocks<RC>()) lora_shrink_kernel(ShrinkArgs a) {
   using Tr = Precision<P>;
   using Elem = typename Tr::Elem;
   constexpr int kT = Tr::kTerms, kC = Tr::kTileC, kXC = kC / 8;
@@ -520,7 +534,7 @@ struct ExpandArgs {
 };
 
 template <Prec P, int RC>
-__global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) lora_expand_kernel(ExpandArgs a) {
+__global__ void __launch_bounds__(kStreamThreads, stream_min_blocks<RC>()) lora_expand_kernel(ExpandArgs a) {
   using Tr = Precision<P>;
   using Elem = typename Tr::Elem;
   constexpr int kT = Tr::kTerms, kRC = RC / 8, kOutCols = Tr::kTileC, kPPlane = kOutCols * kRC;
@@ -1071,6 +1085,7 @@ struct BackwardPlan {
   Panels x;   // (m tiles, k tiles), one k tile per panel
   // workspace regions, in floats from the start
   int64_t du, du_part, db_part, da_part, counters, du_counters, da_counters, total;
+  int64_t counter_count;  // uint32 counters at `counters`
 };
 
 BackwardPlan plan_backward(int64_t M, int64_t N, int64_t K, int64_t r, int64_t f, DType dtype, bool need_dx,
@@ -1102,7 +1117,8 @@ BackwardPlan plan_backward(int64_t M, int64_t N, int64_t K, int64_t r, int64_t f
   p.da_part = take(p.need_da && p.x.panels_a > 1 ? p.x.panels_a * p.r_t * K : 0);
   const int64_t du_counters = p.need_du && p.dy.panels_b > 1 ? m_tiles * p.chunks : 0;
   const int64_t da_counters = p.need_da && p.x.panels_a > 1 ? p.x.tiles_b * p.da_groups : 0;
-  p.counters = take(du_counters + da_counters);
+  p.counter_count = du_counters + da_counters;
+  p.counters = take(p.counter_count);
   p.du_counters = p.counters;
   p.da_counters = p.counters + du_counters;
   p.total = at;
@@ -1229,7 +1245,7 @@ void lora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx, DTy
       plan_backward(M, N, K, r, f, dtype, dxt != nullptr, da != nullptr, db != nullptr, num_sms, entry);
   float* du = workspace + plan.du;
   unsigned* counters = reinterpret_cast<unsigned*>(workspace + plan.counters);
-  const int64_t counter_bytes = (plan.total - plan.counters) * 4;
+  const int64_t counter_bytes = plan.counter_count * 4;
   if (counter_bytes > 0)
     check_cuda(cudaMemsetAsync(counters, 0, counter_bytes, stream), entry, "cudaMemsetAsync");
   const LoraDropout drop = normalized(dropout);
@@ -1324,6 +1340,26 @@ void lora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx, DTy
     lora_bwd_x_kernel<kP, kRC><<<grid, kWideThreads, 0, stream>>>(args);
   });
   check_launch(entry);
+}
+
+LoraPlanInfo lora_plan(int64_t M, int64_t K, int64_t N, int64_t r, int64_t f, DType dtype, int64_t num_sms,
+                       bool need_dx, bool need_da, bool need_db) {
+  const char* entry = "lora_plan";
+  if (M < 0 || K < 0 || N < 0 || r < 1 || f < 0 || f > r) throw bad_argument(entry, "invalid problem size");
+  const ForwardPlan fwd = plan_forward(M, K, N, r, dtype, num_sms, entry);
+  const BackwardPlan bwd = plan_backward(M, N, K, r, f, dtype, need_dx, need_da, need_db, num_sms, entry);
+  LoraPlanInfo info{};
+  info.rank_chunk = fwd.rc;
+  info.chunks = fwd.chunks;
+  info.shrink_k_panels = fwd.shrink.panels_b;
+  info.expand_c_panels = fwd.expand.panels_b;
+  info.dy_m_panels = bwd.dy.panels_a;
+  info.dy_n_panels = bwd.dy.panels_b;
+  info.x_m_panels = bwd.x.panels_a;
+  info.forward_workspace = lora_forward_workspace_size(M, K, N, r, dtype, num_sms);
+  info.backward_workspace = lora_backward_workspace_size(M, N, K, r, f, dtype, need_dx, need_da, need_db, num_sms);
+  info.counters = bwd.counter_count;
+  return info;
 }
 
 void lora_dropout_mask(LoraDropout dropout, int64_t M, int64_t C, uint8_t* keep, cudaStream_t stream,

@@ -60,6 +60,15 @@ void lora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx, DTy
                    LoraDropout dropout, float inv_keep, void* dxt, int64_t lddx, void* da, DType da_dtype, void* db,
                    DType db_dtype, float* workspace, int64_t num_sms, cudaStream_t stream, const char* entry);
 
+// How lora_forward / lora_backward split a problem into blocks on a device with num_sms SMs (for the byte model of
+// treelora/kernels/cuda/lora.py, which mirrors the planner and is checked against this).
+struct LoraPlanInfo {
+  int64_t rank_chunk, chunks, shrink_k_panels, expand_c_panels, dy_m_panels, dy_n_panels, x_m_panels;
+  int64_t forward_workspace, backward_workspace, counters;
+};
+LoraPlanInfo lora_plan(int64_t M, int64_t K, int64_t N, int64_t r, int64_t f, DType dtype, int64_t num_sms,
+                       bool need_dx, bool need_da, bool need_db);
+
 // keep (M, C) uint8 contiguous: the dropout decisions lora_forward / lora_backward make for these parameters.
 void lora_dropout_mask(LoraDropout dropout, int64_t M, int64_t C, uint8_t* keep, cudaStream_t stream,
                        const char* entry);

@@ -117,6 +117,16 @@ __device__ __forceinline__ void sts128(uint4* dst, const uint4& v) {
 #endif
 }
 
+// A 16-byte global store (st.global.v4.b32, one STG.E.128). Written as PTX because a uint4 assignment through a
+// reinterpreted 16-bit pointer is sometimes split into four 32-bit stores by the compiler.
+__device__ __forceinline__ void stg128(void* dst, const uint4& v) {
+#ifdef TREELORA_CUDA_EMULATOR
+  *static_cast<uint4*>(dst) = v;
+#else
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+#endif
+}
+
 // --- fragment loaders ---------------------------------------------------------------------------------------------
 // `tile` is a swizzled tile (swizzle<kChunks>) of 16-bit elements; rows and columns are element indices, columns a
 // multiple of 8.

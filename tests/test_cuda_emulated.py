@@ -226,11 +226,42 @@ def test_lora_matches_reference(dtype, shape, dropout_p):
 
 
 @pytest.mark.usefixtures("on_emulator")
-@pytest.mark.parametrize("r", [1, 16, 40], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("r", [1, 16, 40, 80], ids=lambda r: f"r{r}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_lora_ranks_and_stacked_adapters(dtype, r):
-    """r = 1 (no frozen part), 16 (one rank chunk), 40 (two chunks of 32, the second padded)."""
+    """r = 1 (no frozen part, padded to a chunk of 16), 16, 40 (one chunk of 64 for bf16, two of 32 for fp32) and 80
+    (two chunks of 64 / three of 32: the backward over x restages du and A per chunk; frozen_rank = 40 skips the
+    first chunk's dA)."""
     lora.check_ranks_and_stacked_adapters(dtype, r, device=CPU)
+
+
+@pytest.mark.usefixtures("on_emulator")
+@pytest.mark.parametrize("needs", lora.GRADIENT_SUBSETS, ids=lora._subset_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_lora_partial_gradients(dtype, needs):
+    lora.check_partial_gradients(dtype, needs, shape=(150, 200, 130), device=CPU)
+
+
+@pytest.mark.usefixtures("on_emulator")
+def test_lora_empty_dimensions_in_the_launchers():
+    lora.check_empty_dimensions_in_the_launchers(device=CPU)
+
+
+def test_lora_plan_mirror_matches_the_emulated_planner(emulator):
+    lora.check_plan_mirror(emulator)
+
+
+def test_lora_kernels_have_no_shared_memory_bank_conflicts(on_emulator):
+    """Every ldmatrix and 16-byte shared store of the LoRA kernels takes one wavefront per access phase, for each
+    precision, rank chunk width and the split-K / multi-panel paths (132 SMs)."""
+    before = on_emulator.emulator_counters()
+    for dtype in lora.DTYPES:
+        lora.check_matches_reference(dtype, (113, 300, 77), 0.25, device=CPU)
+    lora.check_ranks_and_stacked_adapters(torch.bfloat16, 80, shape=(70, 130, 90), device=CPU)
+    lora.check_ranks_and_stacked_adapters(torch.float32, 40, shape=(70, 130, 90), device=CPU)
+    launches = on_emulator.emulator_counters()["launches"] - before["launches"]
+    conflicts = on_emulator.emulator_counters()["bank_conflicts"] - before["bank_conflicts"]
+    assert launches > 0 and conflicts == 0, f"{conflicts} extra shared-memory wavefronts in {launches} launches"
 
 
 @pytest.mark.usefixtures("on_emulator")
@@ -349,6 +380,44 @@ def test_emulator_exposes_a_missing_barrier(emulator, reverse):
 def test_emulator_rejects_divergent_synchronisation(emulator, kernel, message):
     with pytest.raises(RuntimeError, match=message):
         getattr(emulator.selftest, kernel)()
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["ldmatrix", "ldmatrix.trans"])
+def test_emulator_ldmatrix_follows_the_ptx_fragment_layout(emulator, trans):
+    """ldmatrix.x4 over a 32 x 8 matrix whose element (i, j) is 8 i + j: register m of lane 4 g + t holds matrix m's
+    row g, elements 2t and 2t + 1 (transposed: rows 2t and 2t + 1 of column g), lower element in the low half."""
+    regs = emulator.selftest.ldmatrix(trans, 8)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for m in range(4):
+            if trans:
+                lo, hi = (8 * m + 2 * t) * 8 + g, (8 * m + 2 * t + 1) * 8 + g
+            else:
+                lo = (8 * m + g) * 8 + 2 * t
+                hi = lo + 1
+            assert regs[4 * lane + m] == lo | (hi << 16), f"lane {lane} register {m}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_emulator_mma_follows_the_ptx_fragment_layout(emulator, dtype):
+    """mma.sync.m16n8k16 with fragments packed by the ISA's layout: lane 4 g + t's accumulators are D[g][2t],
+    D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1] of D = A B + C, exact here (products of 16-bit values summed in
+    double, rounded once)."""
+    a, b, c = torch.randn(16, 16).to(dtype), torch.randn(16, 8).to(dtype), torch.randn(16, 8)
+    bits = [t.view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).flatten().tolist() for t in (a, b)]
+    out = torch.tensor(emulator.selftest.mma(dtype == torch.bfloat16, *bits, c.flatten().tolist()))
+    d = (a.double() @ b.double() + c.double()).float()
+    expect = [d[g + 8 * (i // 2), 2 * t + i % 2] for lane in range(32) for g, t in [divmod(lane, 4)] for i in range(4)]
+    assert torch.equal(out, torch.stack(expect))
+
+
+def test_emulator_counts_ldmatrix_bank_conflicts(emulator):
+    """Rows 16 bytes apart fill the 32 banks once per 8-row matrix; rows 128 bytes apart all start in the same bank,
+    so each of the 4 matrices takes 8 wavefronts instead of 1."""
+    for stride, extra in [(8, 0), (16, 4), (64, 28)]:
+        before = emulator.emulator_counters()["bank_conflicts"]
+        emulator.selftest.ldmatrix(False, stride)
+        assert emulator.emulator_counters()["bank_conflicts"] - before == extra, f"row stride {stride} elements"
 
 
 def test_emulator_reports_invalid_launch_configurations(emulator):

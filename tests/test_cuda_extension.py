@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import test_cuda_lora as lora_checks
 from treelora import _cpp_lib, backends, info
 from treelora.kernels.cuda import lora as cuda_lora
 from treelora.kernels.cuda import masked_update as cuda_masked_update
@@ -26,14 +27,51 @@ LAUNCHING_ENTRY_POINTS = {
     "masked_adamw": (0, 1, 1, 4096, False, False, 0, 0, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0, 0, 0),
     "masked_sgd": (0, 1, 1, 4096, False, False, 0, 0, 1e-3, 0.9, 0.0, 0),
     "masked_density_thresholds": (0, 1, 1, 4096, 0, 0, 0),
-    "lora_shrink": (0, 0, 8, 4, 8, 0, 0, 1, 8, 2, 1.0, 0, 1 << 24, 0, 0, 1, 0),
-    "lora_backward_dy": (0, 0, 8, 4, 8, 0, 0, 2, 1, 2, 1.0, 0, 0, 2, 0, 2, 0, 0, 0, 1, 0),
-    "lora_grad_a": (0, 0, 8, 4, 8, 0, 2, 0, 2, 1.0, 0, 1 << 24, 0, 0, 0, 1, 0),
-    "lora_expand": (0, 2, 4, 8, 2, 0, 0, 2, 1, 0, 0, 1.0, 0, 1 << 24, 0, 0, 8, 0),
+    "lora_forward": (0, 2, 8, 4, 8, 8, 2, 0, 0, 8, 1, 0, 0, 2, 1, 0, 0, 1.0, 0, 1 << 24, 0, 0, 8, 0, 1, 0),
+    "lora_backward": (
+        0,
+        8,
+        0,
+        8,
+        2,
+        4,
+        8,
+        8,
+        2,
+        0,
+        0,
+        0,
+        8,
+        1,
+        0,
+        0,
+        2,
+        1,
+        0,
+        1.0,
+        0,
+        1 << 24,
+        1.0,
+        0,
+        8,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0,
+    ),
     "lora_dropout_mask": (0, 1 << 23, 4, 8, 0, 0),
 }
 # Host-only helpers (no kernel): they must answer without a device.
-SIZE_HELPERS = ("similarity_workspace_size", "masked_update_workspace_size", "lora_panel_workspace_size")
+SIZE_HELPERS = (
+    "similarity_workspace_size",
+    "masked_update_workspace_size",
+    "lora_forward_workspace_size",
+    "lora_backward_workspace_size",
+    "lora_plan",
+)
 
 requires_ext = pytest.mark.requires_cuda_ext
 
@@ -68,9 +106,13 @@ def test_size_helpers_need_no_device():
     # masked update: 16 bytes of select state and 2048 4-byte bins per tensor (each part 256-aligned), then scratch
     assert C.masked_update_workspace_size(1, 0) == 256 + 8192
     assert C.masked_update_workspace_size(3, 100) == 256 + 3 * 8192 + 256
-    # LoRA panels: nothing for an empty input; a row-dot pass over 16 rows x 128 columns has one slab of 16 x 8
-    assert C.lora_panel_workspace_size(0, 64, 4, 0, 132) == 0
-    assert C.lora_panel_workspace_size(16, 128, 4, 0, 132) == 16 * 8
+    # LoRA (bf16 = code 2), 132 SMs: nothing for an empty batch; 16 rows x 640 columns are one m tile, which the
+    # shrink splits into all 10 K tiles of 64 (it wants 4 x 132 blocks): 10 slabs of 16 x 4 partial sums of u
+    assert C.lora_forward_workspace_size(0, 64, 64, 4, 2, 132) == 0
+    assert C.lora_forward_workspace_size(16, 640, 64, 4, 2, 132) == 10 * 16 * 4
+    # backward of one 64 x 64 tile each way: du (16 x 4) only, no partial slabs and no counters
+    assert C.lora_backward_workspace_size(16, 64, 64, 4, 0, 2, True, True, True, 132) == 16 * 4
+    assert C.lora_plan(16, 640, 64, 4, 0, 2, 132, True, True, True)["shrink_k_panels"] == 10
 
 
 def test_info_lists_the_entry_points():
@@ -143,6 +185,11 @@ def test_chunk_layout_counts_chunks_per_layer():
     # layers of 1, 4096, 4097 and 10000 elements -> 1, 1, 2 and 3 chunks of 4096
     prefix, total = cuda_similarity.chunk_layout((0, 1, 4097, 8194, 18194), 4096)
     assert prefix == (0, 1, 2, 4, 7) and total == 7
+
+
+@requires_ext
+def test_lora_plan_mirror_matches_the_extension():
+    lora_checks.check_plan_mirror(_cpp_lib.module)
 
 
 def test_dropout_keep_threshold():

@@ -1,12 +1,16 @@
 """The cuda backend of lora_linear against the float64 reference (and the Triton backend when it can run): forward
-and the gradients of x, A and B for fp32/fp16/bf16, ranks 1, 8, 16, 64, awkward sizes, non-contiguous x, dropout
-on and off (the mask regenerated from the seed, never stored), stacked frozen + trainable adapters, a disabled adapter
-(bitwise the base op), views whose rows are never read past their end, and run-to-run reproducibility. Needs a GPU.
+and the gradients of x, A and B for fp32/fp16/bf16, ranks 1, 8, 16, 64 and 80 (two rank chunks), awkward sizes,
+non-contiguous x, dropout on and off (the mask regenerated from the seed, never stored), stacked frozen + trainable
+adapters, a disabled adapter (bitwise the base op), views whose rows are never read past their end, every subset of
+requested gradients, empty dimensions handled by the launchers themselves, the launch planner's Python mirror, and
+run-to-run reproducibility. Needs a GPU.
 
 Each test's body is a ``check_*`` function taking the device, which tests/test_cuda_emulated.py also runs on CPU
 tensors through the CUDA emulator (smaller shapes, same references and tolerances)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -91,10 +95,98 @@ def check_ranks_and_stacked_adapters(dtype, r, shape=(130, 200, 150), device=DEV
     _compare(f"r={r} f={f}", dtype, y, grads, x, w, b, a, bb, 2.0 / r, 0.1, f, dy, mask)
 
 
-@pytest.mark.parametrize("r", [1, 8, 16, 64])
+@pytest.mark.parametrize("r", [1, 8, 16, 64, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_ranks_and_stacked_adapters(dtype, r):
     check_ranks_and_stacked_adapters(dtype, r)
+
+
+# Subsets of (dx, dA, dB) a backward may ask for: each kernel of the backward then runs partially (dB alone still sums
+# its partial slabs, dA alone still regenerates the dropout mask).
+GRADIENT_SUBSETS = [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+
+
+def _subset_id(needs):
+    return "+".join(name for name, need in zip(("dx", "dA", "dB"), needs) if need)
+
+
+def check_partial_gradients(dtype, needs, shape=(150, 200, 130), device=DEVICE):
+    M, K, N = shape
+    r, f = 12, 4
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, device=device)
+    dy = torch.randn(M, N, device=device).to(dtype)
+    y, saved, launch = launch_forward(cuda_lora, x, w, b, a, bb, 0.5, 0.25, f, True)
+    grads = launch_backward(dy, saved, launch, *needs)
+    mask = launch_dropout_mask(saved, launch)
+    _, g64 = _reference(x, w, b, a, bb, 0.5, 0.25, f, dy, mask, torch.float64)
+    _, g_base = _reference(x, w, b, a, bb, 0.5, 0.25, f, dy, mask, dtype)
+    for name, need, got, ref, base in zip(("dx", "dA", "dB"), needs, grads, g64, g_base):
+        if need:
+            assert_close_to_ref(f"{_subset_id(needs)} {name}", got, ref, base, dtype=dtype)
+        else:
+            assert got is None, f"{name} was not asked for"
+
+
+@pytest.mark.parametrize("needs", GRADIENT_SUBSETS, ids=_subset_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_partial_gradients(dtype, needs):
+    check_partial_gradients(dtype, needs)
+
+
+def check_empty_dimensions_in_the_launchers(device=DEVICE):
+    """K, N or M of 0 straight through the launchers (the ops layer routes them to the torch backend, but the kernels'
+    host code must still give the empty sums: u = 0 and T = bias for K = 0, du = 0 so dx and dA = 0 for N = 0,
+    dA = dB = 0 for M = 0)."""
+    state = cuda_lora._State(scaling=0.5, dropout_p=0.0, frozen_rank=1)
+    bias = torch.randn(7, device=device)
+    x, a, bb = torch.randn(5, 0, device=device), torch.randn(3, 0, device=device), torch.randn(7, 3, device=device)
+    u, t = cuda_lora.forward_terms(x, a, bb, bias, 0.5, None, 0.0)
+    assert torch.equal(u, torch.zeros(5, 3, device=device)) and torch.equal(t, bias.expand(5, 7))
+    dy = torch.randn(5, 7, device=device)
+    dxt, dA, dB = cuda_lora.backward_terms(dy, x, a, bb, u, state, None, True, True, True)
+    assert dxt.shape == (5, 0) and dA.shape == (2, 0)
+    assert_close_to_ref("K = 0 dB", dB, torch.zeros(7, 2, dtype=torch.float64, device=device), dtype=torch.float32)
+
+    x, a, bb = torch.randn(5, 40, device=device), torch.randn(3, 40, device=device), torch.randn(0, 3, device=device)
+    u, t = cuda_lora.forward_terms(x, a, bb, None, 0.5, None, 0.0)
+    assert t.shape == (5, 0)
+    assert_close_to_ref("N = 0 u", u, 0.5 * x.double() @ a.double().t(), dtype=torch.float32)
+    dxt, dA, dB = cuda_lora.backward_terms(torch.zeros(5, 0, device=device), x, a, bb, u, state, None, True, True, True)
+    assert torch.count_nonzero(dxt) == 0 and torch.count_nonzero(dA) == 0 and dB.shape == (0, 2)
+
+    x, bb = torch.randn(0, 40, device=device), torch.randn(7, 3, device=device)
+    u = torch.zeros(0, 3, device=device)
+    dxt, dA, dB = cuda_lora.backward_terms(torch.zeros(0, 7, device=device), x, a, bb, u, state, None, True, True, True)
+    assert dxt.shape == (0, 40) and torch.count_nonzero(dA) == 0 and torch.count_nonzero(dB) == 0
+    assert dA.shape == (2, 40) and dB.shape == (7, 2)
+
+
+def test_empty_dimensions_in_the_launchers():
+    check_empty_dimensions_in_the_launchers()
+
+
+# (M, K, N, r, frozen_rank, dtype, SMs): the benchmark shapes, awkward ones, several rank chunks, fp32's narrower
+# tiles, a device of one SM.
+PLAN_CASES = [
+    (8192, 4096, 4096, 16, 0, torch.bfloat16, 132),
+    (8192, 4096, 11008, 16, 0, torch.bfloat16, 132),
+    (8192, 11008, 4096, 64, 0, torch.float16, 132),
+    (113, 300, 77, 40, 20, torch.float32, 132),
+    (4097, 72, 40, 80, 70, torch.bfloat16, 108),
+    (1, 40, 24, 1, 0, torch.float32, 1),
+    (530, 1030, 600, 33, 0, torch.bfloat16, 1),
+]
+
+
+def check_plan_mirror(module):
+    """treelora.kernels.cuda.lora.launch_plan (the byte model's planner) agrees with ``module.lora_plan``, the
+    extension's own, for every subset of requested gradients (tests/test_cuda_extension.py and the emulated lane)."""
+    for M, K, N, r, f, dtype, sms in PLAN_CASES:
+        for needs in [(True, True, True), *GRADIENT_SUBSETS]:
+            code = cuda_lora.cc.dtype_code(torch.empty(0, dtype=dtype), "x")
+            got = module.lora_plan(M, K, N, r, f, code, sms, *needs)
+            mirror = cuda_lora.launch_plan(M, K, N, r, f, dtype, sms, *needs)
+            assert got == dataclasses.asdict(mirror), f"{(M, K, N, r, f, dtype, sms, needs)}: {got} != {mirror}"
 
 
 def check_autograd_through_the_op(dtype, device=DEVICE):

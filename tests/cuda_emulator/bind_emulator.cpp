@@ -44,6 +44,8 @@ void bind_emulator(py::module_& m) {
   st.def("misaligned_vector_load", &emu_selftest::misaligned_vector_load);
   st.def("shared_index_out_of_range", &emu_selftest::shared_index_out_of_range);
   st.def("launch_error", &emu_selftest::launch_error, py::arg("threads"));
+  st.def("ldmatrix", &emu_selftest::ldmatrix, py::arg("trans"), py::arg("row_stride"));
+  st.def("mma", &emu_selftest::mma, py::arg("bf16"), py::arg("a"), py::arg("b"), py::arg("c"));
   st.def("float_to_half_bits", &emu_selftest::float_to_half_bits, py::arg("values"));
   st.def("half_bits_to_float", &emu_selftest::half_bits_to_float, py::arg("bits"));
   st.def("float_to_bfloat16_bits", &emu_selftest::float_to_bfloat16_bits, py::arg("values"));

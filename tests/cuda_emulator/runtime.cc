@@ -1,7 +1,8 @@
 // The CPU emulator's scheduler and host API (see cuda_runtime.h and tests/cuda_emulator/__init__.py).
 //
-// One launch runs its blocks one after another on the calling thread. The threads of a block are fibers
-// (ucontext). The scheduler always resumes the lowest-index thread that can run (the highest in reverse order), which
+// One launch runs its blocks one after another on the calling thread. The threads of a block are fibers with their
+// own stacks, switched by emu_switch_stack below (a few instructions: ucontext's swapcontext also saves the signal
+// mask with a system call, which made every barrier, shuffle and tensor-core instruction cost microseconds). The scheduler always resumes the lowest-index thread that can run (the highest in reverse order), which
 // runs until it waits at __syncthreads() or a warp shuffle, or ends; a thread that releases a barrier also yields.
 // So the low (or high) end of the block runs as far ahead of the rest as the barriers allow, the largest skew a GPU
 // could produce: a missing __syncthreads() before a read of what other threads write, or before other threads
@@ -14,9 +15,9 @@
 // reported for then faults (x86 16-byte SSE loads do, which is where the sanitizer matters most).
 #include "runtime.h"
 
+#include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <cstdio>
 #include <cstring>
@@ -66,7 +67,7 @@ class Stack {
 enum class State : uint8_t { kReady, kAtBarrier, kAtShuffle, kDone };
 
 struct Fiber {
-  ucontext_t context;
+  void* sp;  // saved stack pointer while the fiber is switched out
   State state;
 };
 
@@ -86,7 +87,10 @@ struct Block {
   unsigned num_threads;
   Fiber* fibers;
   WarpSync* warps;
-  ucontext_t scheduler;
+  void* scheduler_sp;  // the scheduler's stack pointer while a fiber runs
+#ifdef TREELORA_EMULATOR_UBSAN
+  sigjmp_buf fault_return;  // where a fault after a sanitizer report abandons the faulting fiber
+#endif
   unsigned current = 0;
   unsigned live = 0;
   unsigned exited = 0;
@@ -97,6 +101,60 @@ struct Block {
 
 thread_local Block* t_block = nullptr;
 thread_local std::vector<std::unique_ptr<Stack>> t_stacks;
+
+#if !defined(__x86_64__)
+#error "the CUDA emulator's fiber switch (emu_switch_stack) is written for x86-64"
+#endif
+
+// emu_switch_stack(save, load): pushes the callee-saved registers and the SSE / x87 control words of the System V
+// ABI on the current stack, stores the stack pointer in *save, switches to the stack `load` (saved the same way) and
+// pops what was pushed there, returning into the context that saved it.
+extern "C" void emu_switch_stack(void** save, void* load);
+asm(R"(
+  .text
+  .p2align 4
+  .type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_stack, .-emu_switch_stack
+)");
+
+[[noreturn]] void fiber_main();
+
+// A fresh fiber's stack, laid out as emu_switch_stack leaves a switched-out one: control words, six zeroed registers
+// and the address of fiber_main as the return address (16-byte aligned, as a call would leave it).
+void* initial_stack(void* top) {
+  uintptr_t* sp = static_cast<uintptr_t*>(top);
+  *--sp = 0;  // fiber_main never returns: a zero return address above its frame
+  *--sp = reinterpret_cast<uintptr_t>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--sp = 0;  // rbp, rbx, r12 .. r15
+  uint32_t control[2];
+  asm volatile("stmxcsr %0" : "=m"(control[0]));
+  asm volatile("fnstcw %0" : "=m"(control[1]));
+  --sp;
+  std::memcpy(sp, control, sizeof control);
+  return sp;
+}
 
 void mark_ready(Block& b, unsigned t) {
   b.fibers[t].state = State::kReady;
@@ -134,16 +192,16 @@ std::string describe(unsigned tid) {
 [[noreturn]] void fail(const std::string& what) {
   Block& b = *t_block;
   if (b.error.empty()) b.error = what + " [" + describe(b.current) + "]";
-  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+  emu_switch_stack(&b.fibers[b.current].sp, b.scheduler_sp);
   std::abort();  // never resumed
 }
 
 void yield() {
   Block& b = *t_block;
-  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+  emu_switch_stack(&b.fibers[b.current].sp, b.scheduler_sp);
 }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Block& b = *t_block;
   b.thunk(b.packed);
   const unsigned tid = b.current, lane = tid % kWarp;
@@ -157,7 +215,8 @@ void fiber_main() {
          " threads of its block wait at __syncthreads() (a barrier in divergent code)");
   if (w.arrived != 0 && (w.mask >> lane & 1u))
     fail("a thread ended while the other lanes of its warp wait for it in a shuffle");
-  setcontext(&b.scheduler);
+  emu_switch_stack(&b.fibers[tid].sp, b.scheduler_sp);
+  std::abort();  // never resumed
 }
 
 void set_thread(unsigned tid) {
@@ -190,7 +249,7 @@ thread_local FaultHandlers t_previous;
 
 void on_fault(int signal, siginfo_t*, void*) {
   Block* b = t_block;
-  if (b != nullptr && !t_sanitizer_report.empty()) setcontext(&b->scheduler);  // restores the scheduler's signal mask
+  if (b != nullptr && !t_sanitizer_report.empty()) siglongjmp(b->fault_return, 1);  // restores the signal mask too
   sigaction(signal, signal == SIGSEGV ? &t_previous.segv : &t_previous.bus, nullptr);
 }
 
@@ -219,15 +278,16 @@ void run_block(Block& b) {
   const unsigned n = b.num_threads;
   while (t_stacks.size() < n) t_stacks.push_back(std::make_unique<Stack>());
   for (unsigned t = 0; t < n; ++t) {
-    Fiber& f = b.fibers[t];
     mark_ready(b, t);
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = t_stacks[t]->top();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, fiber_main, 0);
+    b.fibers[t].sp = initial_stack(static_cast<char*>(t_stacks[t]->top()) + kStackBytes);
   }
   b.live = n;
+#ifdef TREELORA_EMULATOR_UBSAN
+  if (sigsetjmp(b.fault_return, 1) != 0) {  // a fiber faulted right after a sanitizer report: it is abandoned
+    b.error = take_sanitizer_report() + " [" + describe(b.current) + "]";
+    return;
+  }
+#endif
   while (b.live > 0) {
     const unsigned t = next_ready(b);
     if (t == n) {
@@ -237,7 +297,7 @@ void run_block(Block& b) {
     b.ready[t / 64] &= ~(uint64_t(1) << (t % 64));
     b.current = t;
     set_thread(t);
-    swapcontext(&b.scheduler, &b.fibers[t].context);
+    emu_switch_stack(&b.scheduler_sp, b.fibers[t].sp);
     if (b.error.empty() && !t_sanitizer_report.empty()) b.error = take_sanitizer_report() + " [" + describe(t) + "]";
     if (!b.error.empty()) return;
   }

@@ -59,6 +59,35 @@ __global__ void shared_index_out_of_range_kernel(float* out) {
   out[threadIdx.x] = slots[threadIdx.x];
 }
 
+// One warp: a 32 x 8 matrix of 16-bit values (element (i, j) = 8 i + j) in shared memory, rows row_stride elements
+// apart; lane l gives the address of row l to ldmatrix.x4 and writes the four registers it gets.
+__global__ void ldmatrix_kernel(bool trans, int row_stride, uint32_t* out) {
+  __shared__ __align__(128) uint16_t tile[32 * 64];
+  for (int i = 0; i < 32; ++i)
+    for (int j = 0; j < 8; ++j) tile[i * row_stride + j] = static_cast<uint16_t>(8 * i + j);
+  __syncthreads();
+  uint32_t r[4];
+  ::emu::ptx_ldmatrix_x4(r, trans, tile + threadIdx.x * row_stride);
+  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = r[i];
+}
+
+// One warp: D = A B + C for A (16 x 16), B (16 x 8) given as bf16 / fp16 bits, row-major, and C (16 x 8) fp32. Each
+// lane packs its A and B registers from the matrices with the PTX ISA's fragment layout, written out here
+// independently of the emulator's own lookup, and writes its four accumulators in lane order.
+__global__ void mma_kernel(bool bf16, const uint16_t* a, const uint16_t* b, const float* c, float* out) {
+  const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  auto pair = [](uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); };
+  const uint32_t ra[4] = {pair(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]),
+                          pair(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]),
+                          pair(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]),
+                          pair(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9])};
+  const uint32_t rb[2] = {pair(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]),
+                          pair(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g])};
+  float d[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  ::emu::ptx_mma_m16n8k16(bf16, d, ra, rb);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = d[i];
+}
+
 void check_launch() {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(cudaGetErrorName(err));
@@ -106,6 +135,25 @@ void misaligned_vector_load() {
 void shared_index_out_of_range() {
   std::vector<float> out(32);
   shared_index_out_of_range_kernel<<<1, 32, 0, nullptr>>>(out.data());
+}
+
+std::vector<uint32_t> ldmatrix(bool trans, int row_stride) {
+  if (row_stride < 8 || row_stride > 64 || row_stride % 8 != 0)
+    throw std::invalid_argument("row_stride must be a multiple of 8 in [8, 64]");
+  std::vector<uint32_t> out(32 * 4);
+  ldmatrix_kernel<<<1, 32, 0, nullptr>>>(trans, row_stride, out.data());
+  check_launch();
+  return out;
+}
+
+std::vector<float> mma(bool bf16, const std::vector<uint16_t>& a, const std::vector<uint16_t>& b,
+                       const std::vector<float>& c) {
+  if (a.size() != 256 || b.size() != 128 || c.size() != 128)
+    throw std::invalid_argument("mma takes A (16 x 16), B (16 x 8) and C (16 x 8)");
+  std::vector<float> out(32 * 4);
+  mma_kernel<<<1, 32, 0, nullptr>>>(bf16, a.data(), b.data(), c.data(), out.data());
+  check_launch();
+  return out;
 }
 
 std::string launch_error(unsigned threads) {

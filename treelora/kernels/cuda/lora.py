@@ -46,6 +46,201 @@ def keep_threshold(dropout_p: float) -> int:
     return max(1, min(1 << _KEEP_BITS, round((1.0 - dropout_p) * (1 << _KEEP_BITS))))
 
 
+# --- launch plan and byte model -------------------------------------------------------------------------------------
+# A mirror of the planner in csrc/lora.cu (plan_forward / plan_backward; tests/test_cuda_emulated.py checks that the
+# two agree through the extension's lora_plan), so that the byte and launch model below needs neither a GPU nor the
+# extension. The constants are csrc/lora.cu's.
+_ROWS = 64  # rows of an activation tile
+_STREAM_BLOCKS_PER_SM = 4  # shrink and expand: 128-thread blocks
+_WIDE_BLOCKS_PER_SM = 2  # bwd_dy and bwd_x: 256-thread blocks
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile_cols(dtype: torch.dtype) -> int:
+    """Columns of an activation tile: fp32 tiles hold three bf16 terms per value, so they are half as wide."""
+    return 32 if dtype == torch.float32 else 64
+
+
+def _rank_chunk(dtype: torch.dtype, r: int) -> int:
+    if r <= 16:
+        return 16
+    if r <= 32 or dtype == torch.float32:
+        return 32
+    return 64
+
+
+def _split_columns(m_tiles: int, tiles: int, others: int, target: int) -> tuple[int, int]:
+    """(tiles per panel, panels) of a dimension split only as far as m_tiles x others blocks need to reach target."""
+    if m_tiles == 0 or tiles == 0:
+        return 1, 1
+    want = max(1, min(_ceil_div(target, m_tiles * others), tiles))
+    per = _ceil_div(tiles, want)
+    return per, _ceil_div(tiles, per)
+
+
+def _plan_panels(tiles_a: int, tiles_b: int, max_b: int, others: int, target: int) -> tuple[int, int, int, int]:
+    """(per panel a, panels a, per panel b, panels b): b in panels of at most max_b tiles, a split to reach target."""
+    if tiles_a == 0 or tiles_b == 0:
+        return 1, 1, 1, 1
+    pb = _ceil_div(tiles_b, max_b)
+    pa = max(1, min(_ceil_div(target, pb * others), tiles_a))
+    if pa * pb * others < target:
+        pb = max(pb, min(_ceil_div(target, pa * others), tiles_b))
+    per_a, per_b = _ceil_div(tiles_a, pa), _ceil_div(tiles_b, pb)
+    return per_a, _ceil_div(tiles_a, per_a), per_b, _ceil_div(tiles_b, per_b)
+
+
+def _round4(n: int) -> int:
+    return _ceil_div(n, 4) * 4
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How csrc/lora.cu splits one LoRA forward and backward into blocks (see :func:`launch_plan`)."""
+
+    rank_chunk: int  # ranks per block (16, 32 or 64); r > rank_chunk runs ceil(r / rank_chunk) chunks
+    chunks: int
+    shrink_k_panels: int  # split-K slabs of u (1: the shrink writes u itself)
+    expand_c_panels: int  # column panels of the expand (one block per m tile and panel)
+    dy_m_panels: int  # bwd_dy: row panels (dB partial slabs) and column panels (du partial slabs)
+    dy_n_panels: int
+    x_m_panels: int  # bwd_x: row panels (dA partial slabs); one block per (row panel, K tile, dA chunk group)
+    forward_workspace: int  # fp32 elements
+    backward_workspace: int
+    counters: int  # uint32 counters of the last-block reductions, zeroed by one memset per backward
+
+
+def launch_plan(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    frozen_rank: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    num_sms: int = 132,
+    need_dx: bool = True,
+    need_dA: bool = True,
+    need_dB: bool = True,
+) -> LaunchPlan:
+    """The block decomposition csrc/lora.cu chooses for x (M, K), W (N, K), rank r on a GPU with ``num_sms`` SMs."""
+    rc = _rank_chunk(dtype, r)
+    chunks = _ceil_div(r, rc)
+    tc = _tile_cols(dtype)
+    m_tiles = _ceil_div(M, _ROWS)
+    stream_target = max(1, num_sms) * _STREAM_BLOCKS_PER_SM
+    wide_target = max(1, num_sms) * _WIDE_BLOCKS_PER_SM
+    _, k_panels = _split_columns(m_tiles, _ceil_div(K, tc), chunks, stream_target if N > 0 else 0)
+    _, c_panels = _split_columns(m_tiles, _ceil_div(N, tc), 1, stream_target)
+    r_t = r - frozen_rank
+    need_da, need_db = need_dA and r_t > 0, need_dB and r_t > 0
+    need_du = need_dx or need_da
+    groups = chunks - frozen_rank // rc if need_da else 1
+    dy_max_tiles = 1 if dtype == torch.float32 else 64 // rc
+    _, dy_m, _, dy_n = _plan_panels(m_tiles, _ceil_div(N, tc), dy_max_tiles, chunks, wide_target)
+    _, x_m, _, _ = _plan_panels(m_tiles, _ceil_div(K, tc), 1, groups, wide_target)
+    du_counters = m_tiles * chunks if need_du and dy_n > 1 else 0
+    da_counters = _ceil_div(K, tc) * groups if need_da and x_m > 1 else 0
+    backward = (
+        _round4(M * r if need_du else 0)
+        + _round4(dy_n * M * r if need_du and dy_n > 1 else 0)
+        + _round4(dy_m * N * r_t if need_db and dy_m > 1 else 0)
+        + _round4(x_m * r_t * K if need_da and x_m > 1 else 0)
+        + _round4(du_counters + da_counters)
+    )
+    return LaunchPlan(
+        rank_chunk=rc,
+        chunks=chunks,
+        shrink_k_panels=k_panels,
+        expand_c_panels=c_panels,
+        dy_m_panels=dy_m,
+        dy_n_panels=dy_n,
+        x_m_panels=x_m,
+        forward_workspace=_round4(k_panels * M * r) if k_panels > 1 else 0,
+        backward_workspace=backward if M > 0 else 0,
+        counters=du_counters + da_counters,
+    )
+
+
+@dataclass(frozen=True)
+class KernelTraffic:
+    """Modelled HBM traffic of one launch: bytes it must read and write (each partial slab written once and read
+    once; operands re-read from L2 not counted) and bytes cuBLAS reads in its epilogue because of it."""
+
+    name: str
+    read: int
+    write: int
+    epilogue_read: int = 0
+
+
+def traffic_model(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    frozen_rank: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    adapter_dtype: torch.dtype = torch.float32,
+    num_sms: int = 132,
+) -> dict[str, Any]:
+    """Byte and launch model of one LoRA forward + backward (dx, dA, dB) on the cuda backend against the base linear's
+    own (y = x Wᵀ and dx = dy W by cuBLAS, W frozen), from :func:`launch_plan`. See docs/cuda_lora_design.md.
+
+    Returns ``kernels`` (list of :class:`KernelTraffic`), ``extra_bytes`` (HBM bytes of the LoRA kernels),
+    ``epilogue_bytes`` (the LoRA terms cuBLAS reads with beta = 1), ``extra_launches`` (launches beyond the two GEMMs),
+    ``base_bytes`` (the two GEMMs' compulsory traffic), ``base_flops`` and ``base_launches``.
+    """
+    e = torch.tensor([], dtype=dtype).element_size()
+    ea = torch.tensor([], dtype=adapter_dtype).element_size()
+    plan = launch_plan(M, K, N, r, frozen_rank, dtype, num_sms)
+    r_t = r - frozen_rank
+    u_bytes = M * r * 4
+    k_slabs = plan.shrink_k_panels
+    groups = plan.chunks - frozen_rank // plan.rank_chunk if r_t > 0 else 1
+    kernels = [
+        KernelTraffic(
+            "lora_shrink", M * K * e * plan.chunks + r * K * ea, k_slabs * u_bytes if k_slabs > 1 else u_bytes
+        ),
+        KernelTraffic(
+            "lora_expand",
+            (k_slabs if k_slabs > 1 else 1) * u_bytes + N * r * ea,
+            M * N * e + (u_bytes if k_slabs > 1 else 0),
+            epilogue_read=M * N * e,
+        ),
+    ]
+    if plan.counters:
+        kernels.append(KernelTraffic("memset(counters)", 0, plan.counters * 4))
+    du_slabs = plan.dy_n_panels * u_bytes if plan.dy_n_panels > 1 else 0
+    db_slabs = plan.dy_m_panels * N * r_t * 4 if plan.dy_m_panels > 1 else 0
+    da_slabs = plan.x_m_panels * r_t * K * 4 if plan.x_m_panels > 1 else 0
+    kernels.append(
+        KernelTraffic(
+            "lora_bwd_dy",
+            M * N * e * plan.chunks + u_bytes + N * r * ea + du_slabs,
+            du_slabs + u_bytes + (db_slabs if db_slabs else N * r_t * ea),
+        )
+    )
+    kernels.append(
+        KernelTraffic(
+            "lora_bwd_x",
+            M * K * e * groups + u_bytes + r * K * ea + da_slabs + db_slabs,
+            M * K * e + da_slabs + r_t * K * ea + (N * r_t * ea if db_slabs else 0),
+            epilogue_read=M * K * e,
+        )
+    )
+    return {
+        "kernels": kernels,
+        "extra_bytes": sum(k.read + k.write for k in kernels),
+        "epilogue_bytes": sum(k.epilogue_read for k in kernels),
+        "extra_launches": len(kernels),
+        "base_bytes": 2 * (M * K * e + N * K * e + M * N * e),
+        "base_flops": 4 * M * N * K,
+        "base_launches": 2,
+    }
+
+
 @dataclass(frozen=True)
 class _State:
     """Non-tensor forward state, handed to the backward by the ops layer."""
