@@ -12,7 +12,8 @@ How it works
     sys.modules and never importable as ``treelora._C``.
   * runtime.cc runs a launch's blocks one after another on the calling thread; the threads of a block are fibers.
     The scheduler always resumes the lowest-index thread that can run (the highest in reverse order), which runs
-    until it waits at ``__syncthreads()`` or a warp shuffle, or ends: one end of the block runs as far ahead of the
+    until it waits at ``__syncthreads()`` or a warp-collective instruction (a shuffle, ldmatrix, mma.sync, a 16-byte
+    shared store of csrc/lora_mma.cuh), or ends: one end of the block runs as far ahead of the
     rest as the barriers allow, the largest skew between threads a GPU could produce.
   * harness.py routes the ``cuda`` backend of every op to that module for CPU tensors, inside a ``with`` block.
 
@@ -32,9 +33,16 @@ What it shows
     and bounds checks (on by default; TREELORA_CUDA_EMULATOR_SANITIZE=0 turns them off): the launch stops with a
     RuntimeError quoting UBSan's report (csrc file and line) and the offending block and thread.
   * Invalid launch configurations come back from ``cudaGetLastError()`` as on a device.
+  * Tensor-core code: ldmatrix.x4[.trans], mma.sync.m16n8k16 (bf16, fp16) and st.shared.v4 gather the operands of
+    all 32 lanes and hand each lane its part with the PTX ISA's per-thread fragment layouts (checked against those
+    layouts, written out independently, by the emulator's self-tests), so a wrong fragment index gives a wrong
+    result; executing one with lanes of the warp ended is an error, as the .aligned instructions require.
+  * Shared-memory bank conflicts of those ldmatrix and 16-byte stores: each access phase's distinct 16-byte bank
+    groups are counted (``emulator_counters()["bank_conflicts"]``, extra wavefronts), and the LoRA tests require 0.
 
 What it cannot show
-  * Timing, occupancy, bank conflicts, coalescing: nothing here measures speed (bench/ does, on a GPU).
+  * Timing, occupancy, coalescing, and bank conflicts of shared accesses other than ldmatrix and 16-byte stores:
+    nothing here measures speed (bench/ does, on a GPU).
   * Memory ordering between concurrently running blocks: blocks run one after another, so a race between blocks
     (two blocks writing one location, a block reading what another writes) is invisible; only the fixed-order
     designs the kernels use are exercised. Reversed block order changes which block goes first, nothing more.
@@ -43,7 +51,9 @@ What it cannot show
   * Real alignment faults when the sanitizer is off, out-of-bounds accesses through raw pointers into global
     memory (CPU heap reads do not fault), and anything about device memory (caching, L2, the real allocator).
   * The device's floating-point details: no fused multiply-add contraction (nvcc fuses by default), and host
-    libm instead of the device's sqrtf/pow, so results differ in the last bits; the tests compare against float64
+    libm instead of the device's sqrtf/pow, and an mma.sync that sums its products in double and rounds once
+    (the tensor cores' fp32 accumulation order and truncation are unspecified), so results differ in the last bits;
+    the tests compare against float64
     references with the same tolerance rule as on a GPU, and bitwise checks only compare the emulator with itself.
   * cuBLAS: the base GEMMs of the LoRA launcher run as torch CPU matmuls.
 

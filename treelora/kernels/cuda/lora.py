@@ -2,20 +2,23 @@
 cuBLAS, and the backend's entry points (``lora_linear_fwd``, ``lora_linear_bwd``, ``lora_linear_dropout_mask``,
 ``lora_linear_not_supported_reasons``; the contract is in treelora/kernels/torch/lora.py).
 
-Graph split (SPEC 3.1):
+Graph split (SPEC 3.1), with cuBLAS for the base GEMMs and every LoRA kernel on tensor cores (mma.sync m16n8k16); the
+byte and launch model that chose this design is in docs/cuda_lora_design.md (:func:`traffic_model` computes it):
 
-* forward: ``u = s/(1-p) · drop(x) Aᵀ`` (shrink, (M, r) fp32); the expand kernel writes ``y = b + u Bᵀ`` once, in x's
-  dtype, and cuBLAS accumulates the base GEMM into it (``y.addmm_(x, Wᵀ)``, beta = 1, C read in its epilogue): no
-  extra pass over y.
-* backward: one pass over dy gives ``du = s · dy B`` (M, r) fp32 and ``dB = dyᵀ u[:, f:]``; the expand kernel writes
-  ``dx = keep ⊙ (du A) / (1-p)`` and cuBLAS accumulates ``dy W`` into it; ``dA = du[:, f:]ᵀ drop(x) / (1-p)``
-  regenerates the dropout mask.
+* forward: ``lora_shrink`` gives ``u = s/(1-p) · drop(x) Aᵀ`` ((M, r) fp32), ``lora_expand`` writes
+  ``T = b + u Bᵀ`` once, in x's dtype, and cuBLAS accumulates the base GEMM into it (``T.addmm_(x, Wᵀ)``, beta = 1,
+  T read in its epilogue): 2 launches and no pass over y.
+* backward: ``lora_bwd_dy`` reads dy once for ``du = s · dy B`` and ``dB = dyᵀ u[:, f:]``; ``lora_bwd_x`` reads x
+  once for ``dA = du[:, f:]ᵀ drop(x) / (1-p)`` and writes ``dxT = keep ⊙ (du A) / (1-p)`` (the dropout mask drawn
+  once for both), and cuBLAS accumulates ``dy W`` into dxT; 2 launches and a memset of reduction counters.
 * dropout: Philox keyed by a {seed, offset} pair drawn on the device from torch's generator (reproducible under
-  ``torch.manual_seed``, no host synchronisation), counter = the element's index row·K + col in x. The mask is never
-  stored; :func:`lora_linear_dropout_mask` regenerates it for tests.
-* precision: every operand is converted to fp32 when it is loaded and every sum accumulates in fp32; u and du stay
-  fp32 (M·r·4 bytes). Reductions over K, N or M go through per-block partial slabs summed in a fixed order:
-  results are bitwise reproducible run to run.
+  ``torch.manual_seed``, no host synchronisation), counter = the element's index row·K + col in x, one draw per 4
+  elements. The mask is never stored; :func:`lora_linear_dropout_mask` regenerates it for tests.
+* precision: operands enter the tensor cores in the activation dtype (adapters, u and du rounded to it once; fp32
+  activations as three bf16 terms per value, exact to 2^-24) and every sum accumulates in fp32; u and du stay fp32.
+  The term the GEMM reads is rounded to the activation dtype, so y = rnd(x Wᵀ + rnd(T)) (the exact statement is in
+  docs/cuda_lora_design.md). Cross-block sums go through partial slabs added in a fixed order: results are bitwise
+  reproducible run to run.
 * frozen adapters: the first ``frozen_rank`` rows of A / columns of B take part in y, du and dx; dA and dB are
   computed for the trainable slice only.
 
