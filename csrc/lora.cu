@@ -1,7 +1,7 @@
 // LoRA-branch kernels on tensor cores: see lora.h for the contract and docs/cuda_lora_design.md for the byte and launch
 // model that chose this design (cuBLAS keeps the two base GEMMs; these kernels do the rank-r work around them). In
-// short, per forward + backward at M = 8192, K = N = 4096, r = 16, bf16: these kernels move 372 MB (x twice, dy once,
-// T and dxT written once, 33 MB of partial sums) in 4 launches plus a memset, and cuBLAS reads T and dxT in its
+// short, per forward + backward at M = 8192, K = N = 4096, r = 16, bf16: these kernels move 371 MB (x twice, dy once,
+// T and dxT written once, 32 MB of partial sums) in 4 launches plus a memset, and cuBLAS reads T and dxT in its
 // epilogues (134 MB, nearly free in a compute-bound GEMM): 1.15 to 1.17 x the base linear's time on an H100 SXM if
 // cuBLAS runs at 600 to 700 TFLOP/s. A GEMM with the LoRA term fused would save the T / dxT traffic but must come
 // within ~5 % of cuBLAS to win, which an mma.sync GEMM cannot on sm_90 and a wgmma one cannot be shown to without a GPU.
@@ -1031,14 +1031,34 @@ struct Panels {
   int64_t panels_a, panels_b;
 };
 
-// Splits tiles_b into panels of at most max_b tiles and tiles_a into as many panels as it takes to reach `target`
-// blocks with `others` blocks per panel pair; panels hold whole tiles and none is empty.
+// Every block of a launch gets the same work (the whole tiles of its panel), so a grid a little larger than what the
+// GPU holds at once (`target` blocks) takes a whole second round for its last few blocks. choose_panels picks how many
+// panels to cut `tiles` into for a grid of blocks_per_panel blocks per panel: the count whose time, rounds of target
+// blocks times the tiles of one panel, is least (up to 4 rounds; another count must be 1/32 better to win, so that
+// ties go to fewer panels and less partial-sum traffic). At 132 SMs: 128 row tiles x 4 K panels = 512 blocks for
+// 528 places rather than 5 panels and 640 blocks (two rounds).
+int64_t choose_panels(int64_t tiles, int64_t blocks_per_panel, int64_t target) {
+  if (tiles <= 1 || target <= 0) return 1;
+  int64_t best = 1, best_cost = ceil_div(blocks_per_panel, target) * tiles;
+  for (int64_t p = 2; p <= tiles && blocks_per_panel * p <= 4 * target; ++p) {
+    const int64_t per = ceil_div(tiles, p), panels = ceil_div(tiles, per);
+    const int64_t cost = ceil_div(blocks_per_panel * panels, target) * per;
+    if (cost * 32 < best_cost * 31) {
+      best = panels;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+// tiles_b in panels of at most max_b tiles, tiles_a into the panels choose_panels picks, then tiles_b further when
+// every a tile already has its own panel; `others` blocks per (a, b) panel pair.
 Panels plan_panels(int64_t tiles_a, int64_t tiles_b, int64_t max_b, int64_t others, int64_t target) {
   Panels p{tiles_a, tiles_b, 1, 1, 1, 1};
   if (tiles_a == 0 || tiles_b == 0) return p;
   int64_t pb = ceil_div(tiles_b, max_b);
-  int64_t pa = clamp64(ceil_div(target, pb * others), 1, tiles_a);
-  if (pa * pb * others < target) pb = clamp64(ceil_div(target, pa * others), pb, tiles_b);
+  const int64_t pa = choose_panels(tiles_a, pb * others, target);
+  if (pa == tiles_a) pb = std::max(pb, choose_panels(tiles_b, pa * others, target));
   p.per_panel_a = ceil_div(tiles_a, pa);
   p.panels_a = ceil_div(tiles_a, p.per_panel_a);
   p.per_panel_b = ceil_div(tiles_b, pb);
@@ -1048,7 +1068,7 @@ Panels plan_panels(int64_t tiles_a, int64_t tiles_b, int64_t max_b, int64_t othe
 
 int64_t target_blocks(int64_t num_sms, int per_sm) { return std::max<int64_t>(1, num_sms) * per_sm; }
 
-// shrink: one block per (m tile, K panel, rank chunk); expand: one per (m tile, column panel). A dimension is split
+// shrink: one block per (m tile, K panel, rank chunk); expand: one per (m tile, column panel). The columns are split
 // into panels only when the m tiles alone leave SMs idle (tiles_a = m tiles, each its own panel).
 struct ForwardPlan {
   Prec prec;
@@ -1061,8 +1081,7 @@ struct ForwardPlan {
 Panels split_columns(int64_t m_tiles, int64_t tiles, int64_t others, int64_t target) {
   Panels p{m_tiles, tiles, 1, 1, m_tiles, 1};
   if (m_tiles == 0 || tiles == 0) return p;
-  const int64_t want = clamp64(ceil_div(target, m_tiles * others), 1, tiles);
-  p.per_panel_b = ceil_div(tiles, want);
+  p.per_panel_b = ceil_div(tiles, choose_panels(tiles, m_tiles * others, target));
   p.panels_b = ceil_div(tiles, p.per_panel_b);
   return p;
 }
@@ -1073,7 +1092,8 @@ ForwardPlan plan_forward(int64_t M, int64_t K, int64_t N, int64_t r, DType x_dty
   p.prec = precision_of(x_dtype, entry);
   p.rc = rank_chunk(p.prec, r);
   p.chunks = ceil_div(r, p.rc);
-  const int64_t m_tiles = ceil_div(M, kRows), target = target_blocks(num_sms, kStreamBlocksPerSm);
+  const int64_t m_tiles = ceil_div(M, kRows);
+  const int64_t target = target_blocks(num_sms, p.rc == 64 ? stream_min_blocks<64>() : stream_min_blocks<16>());
   // With N == 0 no expand runs to sum split-K partials, so the shrink writes u itself.
   p.shrink = split_columns(m_tiles, ceil_div(K, tile_cols(p.prec)), p.chunks, N > 0 ? target : 0);
   p.expand = split_columns(m_tiles, ceil_div(N, tile_cols(p.prec)), 1, target);

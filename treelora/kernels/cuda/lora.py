@@ -54,7 +54,7 @@ def keep_threshold(dropout_p: float) -> int:
 # two agree through the extension's lora_plan), so that the byte and launch model below needs neither a GPU nor the
 # extension. The constants are csrc/lora.cu's.
 _ROWS = 64  # rows of an activation tile
-_STREAM_BLOCKS_PER_SM = 4  # shrink and expand: 128-thread blocks
+_STREAM_BLOCKS_PER_SM = 4  # shrink and expand: 128-thread blocks (3 with rank chunks of 64)
 _WIDE_BLOCKS_PER_SM = 2  # bwd_dy and bwd_x: 256-thread blocks
 
 
@@ -75,23 +75,39 @@ def _rank_chunk(dtype: torch.dtype, r: int) -> int:
     return 64
 
 
+def _choose_panels(tiles: int, blocks_per_panel: int, target: int) -> int:
+    """Panels to cut ``tiles`` into: least rounds-of-target x tiles-per-panel (csrc/lora.cu's choose_panels)."""
+    if tiles <= 1 or target <= 0:
+        return 1
+    best, best_cost = 1, _ceil_div(blocks_per_panel, target) * tiles
+    p = 2
+    while p <= tiles and blocks_per_panel * p <= 4 * target:
+        per = _ceil_div(tiles, p)
+        panels = _ceil_div(tiles, per)
+        cost = _ceil_div(blocks_per_panel * panels, target) * per
+        if cost * 32 < best_cost * 31:
+            best, best_cost = panels, cost
+        p += 1
+    return best
+
+
 def _split_columns(m_tiles: int, tiles: int, others: int, target: int) -> tuple[int, int]:
-    """(tiles per panel, panels) of a dimension split only as far as m_tiles x others blocks need to reach target."""
+    """(tiles per panel, panels) of the columns of a grid with one block per m tile, panel and ``others``."""
     if m_tiles == 0 or tiles == 0:
         return 1, 1
-    want = max(1, min(_ceil_div(target, m_tiles * others), tiles))
-    per = _ceil_div(tiles, want)
+    per = _ceil_div(tiles, _choose_panels(tiles, m_tiles * others, target))
     return per, _ceil_div(tiles, per)
 
 
 def _plan_panels(tiles_a: int, tiles_b: int, max_b: int, others: int, target: int) -> tuple[int, int, int, int]:
-    """(per panel a, panels a, per panel b, panels b): b in panels of at most max_b tiles, a split to reach target."""
+    """(per panel a, panels a, per panel b, panels b): b in panels of at most max_b tiles, a cut by
+    :func:`_choose_panels`, then b further if every a tile has its own panel."""
     if tiles_a == 0 or tiles_b == 0:
         return 1, 1, 1, 1
     pb = _ceil_div(tiles_b, max_b)
-    pa = max(1, min(_ceil_div(target, pb * others), tiles_a))
-    if pa * pb * others < target:
-        pb = max(pb, min(_ceil_div(target, pa * others), tiles_b))
+    pa = _choose_panels(tiles_a, pb * others, target)
+    if pa == tiles_a:
+        pb = max(pb, _choose_panels(tiles_b, pa * others, target))
     per_a, per_b = _ceil_div(tiles_a, pa), _ceil_div(tiles_b, pb)
     return per_a, _ceil_div(tiles_a, per_a), per_b, _ceil_div(tiles_b, per_b)
 
@@ -133,7 +149,7 @@ def launch_plan(
     chunks = _ceil_div(r, rc)
     tc = _tile_cols(dtype)
     m_tiles = _ceil_div(M, _ROWS)
-    stream_target = max(1, num_sms) * _STREAM_BLOCKS_PER_SM
+    stream_target = max(1, num_sms) * (3 if rc == 64 else _STREAM_BLOCKS_PER_SM)
     wide_target = max(1, num_sms) * _WIDE_BLOCKS_PER_SM
     _, k_panels = _split_columns(m_tiles, _ceil_div(K, tc), chunks, stream_target if N > 0 else 0)
     _, c_panels = _split_columns(m_tiles, _ceil_div(N, tc), 1, stream_target)
