@@ -224,38 +224,20 @@ __host__ __device__ __forceinline__ Philox4 philox4x32_10(uint64_t counter_lo, u
 
 // Dropout keep-decisions for the elements of one logical (rows, cols) matrix. Element e = row * cols + col uses word
 // e % 4 of Philox(counter = e / 4, offset; key = seed); it is kept when the word's top 24 bits are below
-// keep_threshold = round((1 - p) * 2^24). Consecutive elements share a Philox call, which `DropoutStream` caches.
-struct DropoutParams {
-  const int64_t* seed_offset;  // device: {seed, offset}, drawn from torch's generator by the launcher (no host sync)
-  uint32_t keep_threshold;     // 2^24 keeps everything
-  int64_t cols;                // row length of the logical matrix the mask indexes
-};
-
+// keep_threshold = round((1 - p) * 2^24) (2^24 keeps everything). {seed, offset} live on the device, drawn from
+// torch's generator by the launcher (no host synchronisation).
 class DropoutStream {
  public:
   // A stream that keeps everything without reading any seed (for kernels whose dropout is off).
-  __device__ __forceinline__ DropoutStream() : key_(0), offset_(0), threshold_(1u << 24), cached_group_(-1) {}
-  __device__ __forceinline__ DropoutStream(const DropoutParams& p)
-      : key_(static_cast<uint64_t>(p.seed_offset[0])),
-        offset_(static_cast<uint64_t>(p.seed_offset[1])),
-        threshold_(p.keep_threshold),
-        cached_group_(-1) {}
-
-  __device__ __forceinline__ bool keep(int64_t element) {
-    const int64_t group = element >> 2;
-    if (group != cached_group_) {
-      words_ = philox4x32_10(static_cast<uint64_t>(group), offset_, key_);
-      cached_group_ = group;
-    }
-    // A select, not words_.w[element & 3]: a run-time index into a register array would put it in local memory.
-    const int i = static_cast<int>(element & 3);
-    const uint32_t word = i == 0 ? words_.w[0] : (i == 1 ? words_.w[1] : (i == 2 ? words_.w[2] : words_.w[3]));
-    return (word >> 8) < threshold_;
-  }
+  __device__ __forceinline__ DropoutStream() : key_(0), offset_(0), threshold_(1u << 24) {}
+  __device__ __forceinline__ DropoutStream(const int64_t* seed_offset, uint32_t keep_threshold)
+      : key_(static_cast<uint64_t>(seed_offset[0])),
+        offset_(static_cast<uint64_t>(seed_offset[1])),
+        threshold_(keep_threshold) {}
 
   // Keep decisions of the n <= 8 consecutive elements e0 .. e0 + n as bits (bit i: element e0 + i), one Philox draw
   // per group of 4 they touch (2 for an aligned run of 8), from one copy of the generator's code: the tile loaders
-  // call it for every run, and an unrolled keep() per element would inline ten Philox rounds eight times over.
+  // call it for every run, and a call per element would inline ten Philox rounds eight times over.
   __device__ __forceinline__ uint32_t keep_bits(int64_t e0, int n) const {
     uint32_t bits = 0;
     const int64_t last = (e0 + n - 1) >> 2;
@@ -274,8 +256,6 @@ class DropoutStream {
  private:
   uint64_t key_, offset_;
   uint32_t threshold_;
-  int64_t cached_group_;
-  Philox4 words_;
 };
 
 // --- host-side dispatch ------------------------------------------------------------------------------------------

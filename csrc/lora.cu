@@ -4,7 +4,8 @@
 // T and dxT written once, 32 MB of partial sums) in 4 launches plus a memset, and cuBLAS reads T and dxT in its
 // epilogues (134 MB, nearly free in a compute-bound GEMM): 1.15 to 1.17 x the base linear's time on an H100 SXM if
 // cuBLAS runs at 600 to 700 TFLOP/s. A GEMM with the LoRA term fused would save the T / dxT traffic but must come
-// within ~5 % of cuBLAS to win, which an mma.sync GEMM cannot on sm_90 and a wgmma one cannot be shown to without a GPU.
+// within ~5 % of cuBLAS to win, which an mma.sync GEMM cannot on sm_90 and a wgmma one cannot be shown to without a
+// GPU.
 //
 // Kernels (all names start with "lora"; every one issues mma.sync.m16n8k16 with fp32 accumulators):
 //   lora_shrink_kernel   u = scale * drop(x) A^T, split-K partials when M alone gives too few blocks
@@ -204,7 +205,9 @@ struct ActTile {
 
   uint32_t raw[kRuns][kWords];
 
-  __device__ __forceinline__ static int row_of(int i) { return (static_cast<int>(threadIdx.x) + i * kThreads) / kChunks; }
+  __device__ __forceinline__ static int row_of(int i) {
+    return (static_cast<int>(threadIdx.x) + i * kThreads) / kChunks;
+  }
   __device__ __forceinline__ static int chunk_of(int i) {
     return (static_cast<int>(threadIdx.x) + i * kThreads) % kChunks;
   }
@@ -441,7 +444,7 @@ __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned expected
   return ticket == expected - 1;
 }
 
-// --- shrink: u = scale * drop(x) A^T ----------------------------------------------------------------------------------
+// --- shrink: u = scale * drop(x) A^T --------------------------------------------------------------------------------
 
 struct ShrinkArgs {
   const void* x;
@@ -469,8 +472,8 @@ __global__ void __launch_bounds__(kStreamThreads, stream_min_blocks<RC>()) lora_
   const int64_t kt0 = kp * a.k_tiles_per_panel, kt1 = min(a.k_tiles, kt0 + a.k_tiles_per_panel);
   const typename Tr::Act* x = static_cast<const typename Tr::Act*>(a.x);
   const bool dropout = a.dropout.seed_offset != nullptr && a.dropout.keep_threshold < kKeepAll;
-  DropoutStream stream = dropout ? DropoutStream({a.dropout.seed_offset, a.dropout.keep_threshold, a.K})
-                                 : DropoutStream();
+  const DropoutStream stream =
+      dropout ? DropoutStream(a.dropout.seed_offset, a.dropout.keep_threshold) : DropoutStream();
 
   float acc[RC / 8][4];
   zero(acc);
@@ -837,8 +840,8 @@ __global__ void __launch_bounds__(kWideThreads, kWideBlocksPerSm) lora_bwd_x_ker
   const int64_t da_chunk = a.first_da_chunk + blockIdx.y, r_t = a.r - a.f;
   const int64_t c_begin = dx_here ? 0 : da_chunk, c_end = dx_here ? a.num_chunks : da_chunk + 1;
   const bool dropout = a.dropout.seed_offset != nullptr && a.dropout.keep_threshold < kKeepAll;
-  DropoutStream stream = dropout ? DropoutStream({a.dropout.seed_offset, a.dropout.keep_threshold, a.K})
-                                 : DropoutStream();
+  const DropoutStream stream =
+      dropout ? DropoutStream(a.dropout.seed_offset, a.dropout.keep_threshold) : DropoutStream();
   const Act* x = static_cast<const Act*>(a.x);
 
   if (dx_here && a.num_chunks == 1) stage_tile<Elem, kT, RC, kC, kWideThreads>(as, a.a, 0, k0);  // resident

@@ -2,8 +2,9 @@
 //
 // One launch runs its blocks one after another on the calling thread. The threads of a block are fibers with their
 // own stacks, switched by emu_switch_stack below (a few instructions: ucontext's swapcontext also saves the signal
-// mask with a system call, which made every barrier, shuffle and tensor-core instruction cost microseconds). The scheduler always resumes the lowest-index thread that can run (the highest in reverse order), which
-// runs until it waits at __syncthreads() or a warp shuffle, or ends; a thread that releases a barrier also yields.
+// mask with a system call, which made every barrier, shuffle and tensor-core instruction cost microseconds). The
+// scheduler always resumes the lowest-index thread that can run (the highest in reverse order), which runs until it
+// waits at __syncthreads() or a warp-collective instruction, or ends; a thread that releases a barrier also yields.
 // So the low (or high) end of the block runs as far ahead of the rest as the barriers allow, the largest skew a GPU
 // could produce: a missing __syncthreads() before a read of what other threads write, or before other threads
 // overwrite what a thread still has to read, shows up as a wrong result (the second kind in one of the two orders).
@@ -488,7 +489,9 @@ void ptx_mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], const ui
   };
   // A[row][k] lives in lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
   // B[k][n] in lane 4 n + (k % 8) / 2, register k / 8, half k % 2.
-  auto A = [&](unsigned row, unsigned k) { return value(all[4 * (row % 8) + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k % 2); };
+  auto A = [&](unsigned row, unsigned k) {
+    return value(all[4 * (row % 8) + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k % 2);
+  };
   auto B = [&](unsigned k, unsigned n) { return value(all[4 * n + (k % 8) / 2].b[k / 8], k % 2); };
   const unsigned lane = current_lane(), g = lane / 4, t = lane % 4;
   for (unsigned i = 0; i < 4; ++i) {  // c0..c3: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
