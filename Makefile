@@ -32,6 +32,14 @@ test-interpreter:
 test-cuda-emulated:
 	TREELORA_CUDA_EMULATOR=1 $(PYTHON) -m pytest -m cuda_emulated -q
 
+# Compiled-kernel report (no GPU): registers, spills, shared memory and tensor-core instructions per kernel and
+# architecture, and the LoRA designs' modelled bytes and launches. Fails when a rule breaks for the checked backend:
+# KERNEL_CHECK=triton now; all once the CUDA LoRA kernels use tensor cores.
+KERNEL_CHECK ?= triton
+.PHONY: kernel-report
+kernel-report:
+	$(PYTHON) -m treelora.kernels.report --check $(KERNEL_CHECK)
+
 # Results land in bench/results/<device>/all.json (one file per benchmark module when a single one is run).
 bench: install-test
 	$(PYTHON) -m pytest bench --benchmark-only -q

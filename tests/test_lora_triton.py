@@ -5,7 +5,9 @@ Kernel tests carry the ``interpreter`` marker: on CPU they run under ``TRITON_IN
 the tolerance rule (tests/utils.py), the baseline being the same reference in the inputs' own precision. Dropout is
 checked by regenerating the kernels' mask with ``lora_linear_dropout_mask`` and feeding it to the reference. The
 backend is launched as the ops layer launches it (``launch_forward``: empty inputs and a zero scale routed to the torch
-backend). The checks of the configuration table, the compile specs and the reasons run in the CPU lane.
+backend). Every GEMM path is covered: the persistent TMA kernel (16-bit operands whose rows TMA can address), the
+pointer kernel (the rest, and tma=False), several persistent programs, and cuBLAS with the in-place expand. The checks
+of the configuration table, the compile specs and the reasons run in the CPU lane.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import functools
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,6 +210,99 @@ def test_reduction_modes_and_base_strategies(mode, base):
     check(f"{mode} {base}", first[:4], x, w, b, a, bb, 0.6, p, first[4], f, dy)
 
 
+# The GEMM paths of lora.py's fused GEMM and the cuBLAS alternative, as LoRAConfig changes.
+GEMM_PATHS = {
+    "tma": dict(tma=True),
+    "tma-3-programs": dict(tma=True, max_programs=3),  # each program takes several tiles of the persistent loop
+    "pointer": dict(tma=False),
+    "cublas-expand": dict(forward_base="cublas", grad_base="cublas", side_stream=True),
+}
+
+
+@interpreter
+@pytest.mark.parametrize("path", list(GEMM_PATHS))
+@pytest.mark.parametrize("p, r, frozen", [(0.0, 3, 0), (0.25, 19, 16)], ids=["r3", "dropout-stacked-r19"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemm_paths_match_reference(dtype, p, r, frozen, path):
+    """Every way the base GEMM and the LoRA slice meet, with 3 column tiles and 4 row tiles (N = 72, M = 113)."""
+    M, K, N = 113, 40, 72
+    x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype)
+    launcher = with_config(config(M, r, dtype, **GEMM_PATHS[path]))
+    outs = run_launcher(launcher, x, w, b, a, bb, 0.7, p, frozen, dy)
+    check(f"{path} {dtype} p={p} r={r} f={frozen}", outs[:4], x, w, b, a, bb, 0.7, p, outs[4], frozen, dy)
+
+
+@interpreter
+@pytest.mark.parametrize(
+    "dtype, K, N, x_row_pad, expected",
+    [
+        (torch.bfloat16, 40, 24, 0, 2),  # rows of 80 and 48 bytes: both GEMMs go through TMA
+        (torch.float16, 17, 24, 0, 0),  # x's, W's and dx's rows are 34 bytes, not a multiple of 16
+        (torch.bfloat16, 40, 12, 0, 0),  # y's and dy's rows are 24 bytes
+        (torch.bfloat16, 40, 24, 3, 1),  # x read in place with rows 86 bytes apart: only the dx GEMM uses TMA
+        (torch.float32, 40, 24, 0, 0),  # fp32 takes the pointer kernel (an IEEE fp32 product is no wgmma job)
+    ],
+    ids=["aligned", "K17", "N12", "x-row-stride", "fp32"],
+)
+def test_tma_kernel_runs_where_tma_can_address_the_operands(monkeypatch, dtype, K, N, x_row_pad, expected):
+    calls = []
+    real = kernels.lora_gemm_tma
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_gemm_tma", spy)
+    M, r = 50, 4
+    x, w, b, a, bb, dy = make_inputs(M, K, N, r, dtype)
+    if x_row_pad:
+        x = torch.cat([x, x[:, :x_row_pad]], dim=1)[:, :K]
+    launcher = with_config(config(M, r, dtype, tma=True, forward_base="fused", grad_base="fused"))
+    outs = run_launcher(launcher, x, w, b, a, bb, 0.5, 0.0, 0, dy)
+    assert len(calls) == expected, calls
+    check(f"{dtype} K={K} N={N}", outs[:4], x, w, b, a, bb, 0.5, 0.0, None, 0, dy)
+
+
+def _philox4x32(counter: int, seed: int) -> tuple[int, int, int, int]:
+    """Philox4x32-10 (Salmon et al., SC 2011) of the 64-bit counter (low, high, 0, 0) under the 64-bit key ``seed``."""
+    mask = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter & mask, counter >> 32, 0, 0
+    k0, k1 = seed & mask, seed >> 32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+def _uniform(word: int) -> np.float32:
+    """A 32-bit word as the float in [0, 1) the kernels compare with p: its int32 value folded onto [0, 2^31)
+    (x < 0 -> -x - 1) times 2^-31, in float32 arithmetic."""
+    x = word - (1 << 32) if word >= 1 << 31 else word
+    x = -x - 1 if x < 0 else x
+    return np.float32(x) * np.float32(4.6566127342e-10)
+
+
+@interpreter
+def test_dropout_mask_takes_one_philox_draw_per_four_elements():
+    """Element (row, col) of the (M, K) keep-mask is word col % 4 of Philox(row · ceil(K/4) + col // 4): one draw
+    serves four consecutive elements; an independent Philox4x32-10 regenerates the kernels' mask bit for bit."""
+    M, K, p = 6, 13, 0.3
+    seed_value = 0x1234_5678_9ABC_DEF
+    seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
+    mask = kernels.dropout_keep_mask(seed, M, K, p).cpu()
+    groups = -(-K // 4)
+    expected = torch.zeros(M, K, dtype=torch.bool)
+    for row in range(M):
+        for g in range(groups):
+            words = _philox4x32(row * groups + g, seed_value)
+            for j in range(4):
+                if 4 * g + j < K:
+                    expected[row, 4 * g + j] = bool(_uniform(words[j]) >= np.float32(p))
+    assert 0 < expected.sum() < M * K
+    assert torch.equal(mask, expected), (mask ^ expected).nonzero()
+
+
 @interpreter
 @pytest.mark.parametrize("layout", ["row-stride", "last-dim-stride", "transposed-3d"])
 def test_non_contiguous_x(layout):
@@ -325,6 +421,24 @@ def test_benchmark_shapes_on_gpu(dtype, K, N, r, p, frozen):
     check(f"{dtype} K={K} N={N} r={r} p={p} f={frozen}", outs[:4], x, w, b, a, bb, 2.0, p, outs[4], frozen, dy)
 
 
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("base", ["fused", "cublas"])
+def test_side_stream_gives_the_serial_results(base):
+    """dA (fused) or the shrink and du/dB (cublas) on the side stream: the same results as on the main stream."""
+    if INTERPRET:
+        pytest.skip("native kernels only")
+    M, K, N, r = 1024, 256, 512, 16
+    x, w, b, a, bb, dy = make_inputs(M, K, N, r, torch.bfloat16)
+    results = []
+    with deterministic_algorithms(True):
+        for side in (False, True):
+            cfg = config(M, r, torch.bfloat16, forward_base=base, grad_base=base, side_stream=side)
+            torch.manual_seed(5)
+            results.append(run_launcher(with_config(cfg), x, w, b, a, bb, 0.5, 0.1, 0, dy))
+    for name, serial, overlapped in zip(("y", "dx", "dA", "dB", "mask"), *results):
+        assert torch.equal(serial, overlapped), name
+
+
 # --- CPU lane: the configuration table, compile specs and reasons -------------------------------------------------
 
 
@@ -342,6 +456,8 @@ def test_config_table_covers_every_family_and_bucket():
         lora_configs.select_config("sm90", 1024, 64)
         is lora_configs.CONFIGS["sm90"][lora_configs.ShapeBucket("few", "wide")]
     )
+    bench = lora_configs.select_config("sm90", 8192, 16)
+    assert (bench.forward_base, bench.grad_base, bench.tma, bench.side_stream) == ("fused", "fused", True, True)
     fp32 = lora_configs.select_config("sm90", 8192, 16, element_size=4)
     assert (fp32.forward_base, fp32.grad_base) == ("cublas", "cublas")  # torch's own fp32 / TF32 setting applies
     assert lora_configs.family((9, 0)) == "sm90" and lora_configs.family((8, 6)) == "sm80"
@@ -355,6 +471,8 @@ def test_config_table_covers_every_family_and_bucket():
         (dict(max_block_r=24), "max_block_r"),
         (dict(split_k=0), "split_k"),
         (dict(gemm=lora_configs.GemmTiles(block_m=8)), "gemm"),
+        (dict(expand=lora_configs.GemmTiles(block_r=24)), "expand"),
+        (dict(max_programs=0), "max_programs"),
     ],
 )
 def test_config_rejects_bad_fields(change, message):
@@ -366,22 +484,30 @@ def test_config_rejects_bad_fields(change, message):
 
 @pytest.mark.skipif(INTERPRET, reason="compile specs are defined in the CPU lane")
 def test_compile_specs_cover_every_kernel_dtype_and_dropout():
-    specs = compile_specs.lora_specs()
+    specs = compile_specs.lora_specs(exhaustive=True)
+    assert {s.name for s in compile_specs.lora_specs()} < {s.name for s in specs}
     kernels_seen = {s.kernel for s in specs}
     assert kernels_seen == {
-        kernels._lora_shrink_kernel, kernels._lora_gemm_kernel, kernels._lora_dudb_kernel,
-        kernels._lora_grad_a_kernel, kernels._dropout_keep_kernel,
+        kernels._lora_shrink_kernel, kernels._lora_gemm_kernel, kernels._lora_gemm_tma_kernel,
+        kernels._lora_dudb_kernel, kernels._lora_grad_a_kernel, kernels._dropout_keep_kernel,
     }  # fmt: skip
+    operand = ("x_ptr", "c_ptr", "dy_ptr", "a_desc")
     for kernel in kernels_seen - {kernels._dropout_keep_kernel}:
         mine = [s for s in specs if s.kernel is kernel]
-        assert {next(v for k, v in s.signature.items() if k in ("x_ptr", "c_ptr", "dy_ptr")) for s in mine} == {
-            "*fp32",
-            "*fp16",
-            "*bf16",
-        }, kernel.__name__
-        if "DROPOUT" in kernel.arg_names:
+        dtypes = {next(v for k, v in s.signature.items() if k in operand).split("[")[0] for s in mine}
+        expected = {"tensordesc<fp16", "tensordesc<bf16"} if kernel is kernels._lora_gemm_tma_kernel else {
+            "*fp32", "*fp16", "*bf16"}  # fmt: skip
+        assert dtypes == expected, kernel.__name__
+        if "DROPOUT" in kernel.arg_names and kernel is not kernels._lora_dudb_kernel:
             assert {s.constexprs["DROPOUT"] for s in mine} == {False, True}, kernel.__name__
         assert all(s.constexprs["UPCAST"] is False for s in mine)
+    # Each family's tiles compile for its own architecture, for every bucket of its table.
+    for fam, capability in compile_specs.FAMILY_CAPABILITY.items():
+        mine = [s for s in specs if s.name.startswith(fam + "/")]
+        assert mine and all(s.capabilities == (capability,) for s in mine)
+        table_tiles = {lora_configs.CONFIGS[fam][bucket].gemm for bucket in lora_configs.CONFIGS[fam]}
+        spec_tiles = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in mine if "gemm-forward" in s.name}
+        assert {(t.block_m, t.block_n) for t in table_tiles} <= spec_tiles, fam
 
 
 @pytest.mark.requires_triton
@@ -389,7 +515,7 @@ def test_compile_specs_cover_every_kernel_dtype_and_dropout():
 @pytest.mark.parametrize("family", ["sm80", "sm90"])
 def test_fused_gemm_tiles_pipeline_within_shared_memory(family):
     """The interpreter forgives any tile size; a GPU refuses a launch whose pipelined tiles exceed shared memory."""
-    specs = [s for s in compile_specs.lora_specs() if s.name.startswith("gemm-fused") and s.name.endswith(family)]
+    specs = [s for s in compile_specs.bench_lora_specs() if s.name.startswith(f"{family}/gemm-")]
     assert specs
     for spec in specs:
         # aligned: as benchmark shapes specialise it
@@ -397,7 +523,32 @@ def test_fused_gemm_tiles_pipeline_within_shared_memory(family):
         shared = compiled.metadata.shared
         print(f"{spec.name}: {shared} bytes of shared memory")
         assert shared <= lora_configs.SHARED_MEMORY_LIMIT[family], f"{spec.name}: {shared} bytes of shared memory"
-        assert "async_copy_global_to_local" in compiled.asm["ttgir"], f"{spec.name}: main loop not pipelined"
+        copy = "async_tma_copy_global_to_local" if "-tma" in spec.name else "async_copy_global_to_local"
+        assert copy in compiled.asm["ttgir"], f"{spec.name}: main loop not pipelined"
+
+
+@pytest.mark.requires_triton
+def test_tma_launch_runs_inside_the_device_guard(monkeypatch):
+    """The persistent TMA GEMM launches inside env.device_guard of its output's device (as every launch must)."""
+    guarded, launched = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        guarded.append(device)
+        yield
+        guarded.pop()
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, list(guarded)))
+
+    monkeypatch.setattr(kernels.env, "device_guard", guard)
+    monkeypatch.setattr(kernels, "_lora_gemm_tma_kernel", FakeKernel())
+    x, w = torch.zeros(64, 32, dtype=torch.bfloat16), torch.zeros(48, 32, dtype=torch.bfloat16)
+    u, v, out = torch.zeros(64, 4), torch.zeros(4, 48, dtype=torch.bfloat16), torch.empty(64, 48, dtype=torch.bfloat16)
+    kernels.lora_gemm_tma(out, x, w, True, u, v, None, lora_configs.GemmTiles(32, 32, 32), programs=5)
+    # 2 x 2 tiles of 32: 4 programs (no more than tiles), launched inside the guard of out's device.
+    assert launched == [((4,), [out.device])]
 
 
 def _tensors(device, dtype=torch.float32):

@@ -35,6 +35,7 @@ class CompileSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    capabilities: tuple[int, ...] = (80, 90)  # the architectures (sm_<N>) it runs on and is compiled for
 
 
 def compile_for_target(spec: CompileSpec, capability: int, warp_size: int = 32, aligned: bool = False) -> Any:
@@ -58,18 +59,24 @@ def compile_for_target(spec: CompileSpec, capability: int, warp_size: int = 32, 
     return triton.compile(src, target=GPUTarget("cuda", capability, warp_size), options=options)
 
 
-def all_specs() -> list[CompileSpec]:
-    """Every spec of every Triton kernel module."""
-    return [*lora_specs(), *similarity_specs(), *masked_update_specs()]
+def all_specs(exhaustive: bool = False) -> list[CompileSpec]:
+    """Every spec of every Triton kernel module; ``exhaustive``: the LoRA kernels of every configuration of the table
+    (the kernel report's check), not only the benchmark bucket's (see :func:`lora_specs`)."""
+    return [*lora_specs(exhaustive=exhaustive), *similarity_specs(), *masked_update_specs()]
 
 
 # --- lora.py ------------------------------------------------------------------------------------------------------
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# One (M, r) per bucket of the configuration table (lora_configs.bucket): many/few rows x narrow/wide rank.
+_BUCKET_SHAPES = ((8192, 16), (8192, 64), (1024, 16), (1024, 64))
+# The architecture each table family's tiles run on: sm80 (Ampere/Ada: also checks the 99 KB of sm86/sm89 shared
+# memory) and sm90 (Hopper).
+FAMILY_CAPABILITY = {"sm80": 80, "sm90": 90}
 
 
 def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, Any]) -> dict[str, str]:
-    """Argument types in the kernel's order: the given pointers, fp32 scalars, i32 for sizes and strides."""
+    """Argument types in the kernel's order: the given pointers (and descriptors), fp32 scalars, i32 for the rest."""
     out = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -81,89 +88,127 @@ def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], conste
     return out
 
 
-def _lora_spec(name, kernel, pointers, floats, constexprs, num_warps=4, num_stages=3) -> CompileSpec:
-    return CompileSpec(
-        name, kernel, _signature(kernel, pointers, floats, constexprs), constexprs, num_warps, num_stages
-    )
-
-
 # Strides that are 1 for contiguous inputs: triton specialises an integer argument equal to 1 into a constant at
 # launch, which is what makes those loads contiguous (vectorised, and pipelined with cp.async), so the specs do too.
 _UNIT_STRIDES = {
     "shrink": dict(stride_xk=1, stride_ak=1, stride_ur=1),
     "forward": dict(stride_ak=1, stride_bk=1, stride_ur=1, stride_vr=1, stride_cn=1),  # x, Wᵀ, u, Bᵀ, y
     "dx": dict(stride_ak=1, stride_bn=1, stride_ur=1, stride_vn=1, stride_cn=1),  # dy, W, du, A, dx
+    "tma-forward": dict(stride_ur=1, stride_vr=1),  # u, Bᵀ (the operands go through descriptors)
+    "tma-dx": dict(stride_ur=1, stride_vn=1),  # du, A
     "expand": dict(stride_ur=1, stride_vr=1, stride_cn=1),
     "dudb": dict(stride_dyn=1, stride_br=1, stride_ur=1, stride_dur=1, stride_dbr=1),
     "grad_a": dict(stride_xk=1, stride_dur=1, stride_dak=1),
 }
-# Tiles of which table family each dtype's specs use: both families' GEMM tiles get compiled for both architectures.
-_SPEC_FAMILY = {torch.float32: "sm90", torch.float16: "sm80", torch.bfloat16: "sm90"}
 
 
-def lora_specs() -> list[CompileSpec]:
-    """Every kernel at fp32/fp16/bf16, with and without dropout (du/dB: both reduction modes), on the table's tiles
-    for 8192 rows and r = 16; spec names end in the family whose tiles they use."""
+def _tiles_tag(t) -> str:
+    n = f"x{t.block_n}" if hasattr(t, "block_n") else ""
+    return f"{t.block_m}{n}x{t.block_k}w{t.num_warps}s{t.num_stages}"
+
+
+def _config_specs(fam: str, dtype: torch.dtype, prec: str, cfg, r: int, dropout: bool) -> list[CompileSpec]:
+    """Every kernel a call with this configuration can launch (both GEMM kernels: the TMA one for aligned 16-bit
+    operands, the pointer one for the rest), with and without atomics where the launcher picks either."""
+    t = _TYPES[dtype]
+    block_r = lora._block_r(r, cfg.max_block_r)  # of the streaming kernels; the GEMMs' is their tiles' block_r
+    # x's dtype for the activations; adapters in fp32 with 16-bit activations (the common mixed case).
+    ad = "fp32" if dtype != torch.float32 else t
+    tag = f"{t}{'-ieee' if prec == 'ieee' else ''}-{'dropout' if dropout else 'nodrop'}-r{r}"
+    common = dict(DOT_PRECISION=prec, UPCAST=False)
     specs = []
-    for dtype in KERNEL_DTYPES:
-        fam = _SPEC_FAMILY[dtype]
-        cfg = select_config(fam, 8192, 16, dtype.itemsize)
-        t = _TYPES[dtype]
-        prec = "ieee" if dtype == torch.float32 else "tf32"
-        # bf16 activations with fp32 adapters (the common mixed case); the other dtypes with same-dtype adapters.
-        ad = "fp32" if dtype == torch.bfloat16 else t
-        for dropout in (False, True):
-            tag = f"{t}-{'dropout' if dropout else 'nodrop'}-{fam}"
-            sh = cfg.shrink
-            specs.append(_lora_spec(
-                f"shrink-{tag}", lora._lora_shrink_kernel,
-                {"x_ptr": f"*{t}", "a_ptr": f"*{ad}", "u_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "scale"),
-                dict(_UNIT_STRIDES["shrink"], DROPOUT=dropout, ATOMIC=dropout, BLOCK_M=sh.block_m,
-                     BLOCK_K=sh.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
-                sh.num_warps, sh.num_stages,
-            ))  # fmt: skip
-            gemm_ptrs = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "u_ptr": "*fp32", "v_ptr": f"*{ad}", "bias_ptr": f"*{t}",
-                         "c_ptr": f"*{t}", "seed_ptr": "*i64"}  # fmt: skip
-            # The forward GEMM (bias, no dropout epilogue) and the dx GEMM (dropout epilogue, its own tiles), with
-            # r-blocks of 64 (r = 64, the widest block).
-            g = cfg.gemm_dropout if dropout else cfg.gemm
-            specs.append(_lora_spec(
-                f"gemm-fused-{tag}", lora._lora_gemm_kernel, gemm_ptrs, ("p", "drop_scale"),
-                dict(_UNIT_STRIDES["dx" if dropout else "forward"], BASE_GEMM=True, HAS_BIAS=not dropout,
-                     DROPOUT=dropout, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=64,
-                     GROUP_M=g.group_m, DOT_PRECISION=prec, UPCAST=False),
-                g.num_warps, g.num_stages,
-            ))  # fmt: skip
-            e = cfg.expand
-            specs.append(_lora_spec(
-                f"gemm-expand-{tag}", lora._lora_gemm_kernel, gemm_ptrs, ("p", "drop_scale"),
-                dict(_UNIT_STRIDES["expand"], BASE_GEMM=False, HAS_BIAS=False, DROPOUT=dropout, BLOCK_M=e.block_m,
-                     BLOCK_N=e.block_n, BLOCK_K=e.block_k, BLOCK_R=16, GROUP_M=e.group_m, DOT_PRECISION=prec,
-                     UPCAST=False),
-                e.num_warps, e.num_stages,
-            ))  # fmt: skip
-            ga = cfg.grad_a
-            specs.append(_lora_spec(
-                f"grad-a-{tag}", lora._lora_grad_a_kernel,
-                {"x_ptr": f"*{t}", "du_ptr": "*fp32", "da_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "drop_scale"),
-                dict(_UNIT_STRIDES["grad_a"], DROPOUT=dropout, ATOMIC=not dropout, BLOCK_M=ga.block_m,
-                     BLOCK_K=ga.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
-                ga.num_warps, ga.num_stages,
-            ))  # fmt: skip
+
+    def add(role, kernel, tiles, pointers, floats, constexprs):
+        name = f"{fam}/{role}/{tag}/{_tiles_tag(tiles)}"
+        constexprs = {**constexprs, **common}
+        sig = _signature(kernel, pointers, floats, constexprs)
+        specs.append(CompileSpec(name, kernel, sig, constexprs, tiles.num_warps, tiles.num_stages,
+                                 (FAMILY_CAPABILITY[fam],)))  # fmt: skip
+
+    sh = cfg.shrink
+    for atomic in (False, True):
+        add(f"shrink{'-atomic' if atomic else ''}", lora._lora_shrink_kernel, sh,
+            {"x_ptr": f"*{t}", "a_ptr": f"*{ad}", "u_ptr": "*fp32", "seed_ptr": "*i64"}, ("p", "scale"),
+            dict(_UNIT_STRIDES["shrink"], DROPOUT=dropout, ATOMIC=atomic, BLOCK_M=sh.block_m, BLOCK_K=sh.block_k,
+                 BLOCK_R=block_r))  # fmt: skip
+    gemm_ptrs = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "u_ptr": "*fp32", "v_ptr": f"*{ad}", "bias_ptr": f"*{t}",
+                 "c_ptr": f"*{t}", "seed_ptr": "*i64"}  # fmt: skip
+    # The forward GEMM (bias, never dropout) and the dx GEMM (no bias; the dropout epilogue, with its own tiles).
+    for role, g, forward in (("gemm-forward", cfg.gemm, True), ("gemm-dx", cfg.gemm_dropout if dropout else cfg.gemm,
+                                                                  False)):  # fmt: skip
+        if forward and dropout:
+            continue
+        gr = lora._block_r(r, g.block_r)
+        geometry = dict(BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=gr, GROUP_M=g.group_m,
+                        ONE_R_BLOCK=r <= gr)  # fmt: skip
+        add(role, lora._lora_gemm_kernel, g, gemm_ptrs, ("p", "drop_scale"),
+            dict(_UNIT_STRIDES["forward" if forward else "dx"], BASE_GEMM=True, HAS_BIAS=forward, DROPOUT=dropout,
+                 **geometry))  # fmt: skip
+        if cfg.tma and dtype != torch.float32:
+            b_block = [g.block_n, g.block_k] if forward else [g.block_k, g.block_n]
+            descs = {
+                "a_desc": f"tensordesc<{t}[{g.block_m}, {g.block_k}]>",
+                "b_desc": f"tensordesc<{t}[{b_block[0]}, {b_block[1]}]>",
+                "c_desc": f"tensordesc<{t}[{g.block_m}, {g.block_n // 2}]>",  # stored in two column halves
+                "u_ptr": "*fp32", "v_ptr": f"*{ad}", "bias_ptr": f"*{t}", "seed_ptr": "*i64",
+            }  # fmt: skip
+            add(f"{role}-tma", lora._lora_gemm_tma_kernel, g, descs, ("p", "drop_scale"),
+                dict(_UNIT_STRIDES["tma-forward" if forward else "tma-dx"], B_KMAJOR=forward, HAS_BIAS=forward,
+                     DROPOUT=dropout, **geometry))  # fmt: skip
+    e = cfg.expand
+    add("expand", lora._lora_gemm_kernel, e, gemm_ptrs, ("p", "drop_scale"),
+        dict(_UNIT_STRIDES["expand"], BASE_GEMM=False, HAS_BIAS=False, DROPOUT=dropout, BLOCK_M=e.block_m,
+             BLOCK_N=e.block_n, BLOCK_K=e.block_k, BLOCK_R=lora._block_r(r, e.block_r), GROUP_M=e.group_m,
+             ONE_R_BLOCK=r <= lora._block_r(r, e.block_r)))  # fmt: skip
+    ga = cfg.grad_a
+    for atomic in (False, True):
+        add(f"grad-a{'-atomic' if atomic else ''}", lora._lora_grad_a_kernel, ga,
+            {"x_ptr": f"*{t}", "du_ptr": "*fp32", "da_ptr": "*fp32" if atomic else f"*{ad}", "seed_ptr": "*i64"},
+            ("p", "drop_scale"),
+            dict(_UNIT_STRIDES["grad_a"], DROPOUT=dropout, ATOMIC=atomic, BLOCK_M=ga.block_m, BLOCK_K=ga.block_k,
+                 BLOCK_R=block_r))  # fmt: skip
+    if not dropout:  # du/dB has no dropout
+        d = cfg.dudb
         for atomic in (False, True):
-            d = cfg.dudb
-            specs.append(_lora_spec(
-                f"dudb-{t}-{'atomic' if atomic else 'workspace'}-{fam}", lora._lora_dudb_kernel,
+            add(f"dudb-{'atomic' if atomic else 'workspace'}", lora._lora_dudb_kernel, d,
                 {"dy_ptr": f"*{t}", "b_ptr": f"*{ad}", "u_ptr": "*fp32", "du_ptr": "*fp32", "db_ptr": "*fp32"},
                 ("scaling",),
                 dict(_UNIT_STRIDES["dudb"], NEED_DU=True, NEED_DB=True, ATOMIC=atomic, BLOCK_M=d.block_m,
-                     BLOCK_N=d.block_k, BLOCK_R=16, DOT_PRECISION=prec, UPCAST=False),
-                d.num_warps, d.num_stages,
-            ))  # fmt: skip
-    specs.append(_lora_spec(
-        "dropout-keep", lora._dropout_keep_kernel, {"seed_ptr": "*i64", "keep_ptr": "*u8"}, ("p",),
-        dict(BLOCK_M=32, BLOCK_K=64),
-    ))  # fmt: skip
+                     BLOCK_N=d.block_k, BLOCK_R=block_r))  # fmt: skip
+    return specs
+
+
+def lora_specs(families: tuple[str, ...] = ("sm80", "sm90"), exhaustive: bool = False) -> list[CompileSpec]:
+    """Every LoRA kernel each family's configurations launch: fp32 (IEEE and TF32 products), fp16 and bf16, with and
+    without dropout, atomic and workspace reductions, each for its family's architecture; for the benchmark bucket
+    of the table (many rows, r = 16), or with ``exhaustive`` for all four (r = 64: r-blocks of 64, which also covers
+    stacked adapters, whose total rank only changes R; few rows: smaller tiles). Duplicates (buckets that share
+    tiles) are listed once. The CPU test lane compiles the benchmark bucket's specs (about 130, a minute and a half
+    on 2 cores); the kernel report compiles all of them (about 340) and checks their registers."""
+    specs: dict[str, CompileSpec] = {}
+    for fam in families:
+        for dtype in KERNEL_DTYPES:
+            for prec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
+                for M, r in _BUCKET_SHAPES if exhaustive else _BUCKET_SHAPES[:1]:
+                    cfg = select_config(fam, M, r, dtype.itemsize)
+                    for dropout in (False, True):
+                        for spec in _config_specs(fam, dtype, prec, cfg, r, dropout):
+                            specs.setdefault(spec.name, spec)  # a name fixes the spec: buckets share tiles
+    keep = CompileSpec(
+        "dropout-keep", lora._dropout_keep_kernel, {"seed_ptr": "*i64", "keep_ptr": "*u8", "M": "i32", "K": "i32",
+        "p": "fp32"}, dict(BLOCK_M=32, BLOCK_K=64),
+    )  # fmt: skip
+    return [*specs.values(), keep]
+
+
+def bench_lora_specs() -> list[CompileSpec]:
+    """The LoRA kernels of the benchmark configuration (bf16, r = 16, many rows) of each family, with and without
+    dropout: the rows the kernel report prints by default (names as in :func:`lora_specs`)."""
+    specs = []
+    for fam in FAMILY_CAPABILITY:
+        cfg = select_config(fam, *_BUCKET_SHAPES[0], torch.bfloat16.itemsize)
+        for dropout in (False, True):
+            specs += _config_specs(fam, torch.bfloat16, "tf32", cfg, 16, dropout)
     return specs
 
 
