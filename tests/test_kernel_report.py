@@ -170,6 +170,34 @@ def test_check_is_per_backend():
     assert report.check([], ["triton"])[0] == "triton: no LoRA kernels found to check"
 
 
+@pytest.mark.parametrize(
+    "name, needs",
+    [
+        ("lora_panel_kernel<16, __nv_bfloat16>", True),
+        ("lora_gemm_kernel<__half, float>", True),  # fp32 accumulators of a 16-bit product
+        ("lora_panel_kernel<16, float>", False),  # fp32 data only: IEEE fp32 may run on FMA units
+        ("lora_fused_kernel", True),  # no template arguments: whatever dtype it takes, it must use tensor cores
+        ("similarity_partial_kernel<(treelora::Pass)0, __half, float, true>", False),  # not a LoRA kernel
+    ],
+)
+def test_cuda_tensor_core_rule(name, needs):
+    assert report._cuda_needs_mma(name) is needs
+
+
+def test_grouping_folds_instantiations_and_keeps_lora_rows():
+    rows = [
+        _row(name="lora_a<float>", spill_bytes=8),
+        _row(name="sim<1>", lora=False, needs_mma=False, registers=40, mma_kind="-", mma_count=0),
+        _row(name="sim<2>", lora=False, needs_mma=False, registers=64, local_ops=2, mma_kind="-", mma_count=0),
+        _row(name="sim<2>", arch="sm_80", lora=False, needs_mma=False, registers=30, mma_kind="-", mma_count=0),
+    ]
+    grouped = {(r.arch, r.name): r for r in report.group_instantiations(rows)}
+    assert grouped[("sm_90a", "lora_a<float>")] is rows[0]
+    folded = grouped[("sm_90a", "sim (max of 2 instantiations)")]
+    assert (folded.registers, folded.local_ops, folded.mma_count, folded.lora) == (64, 2, 0, False)
+    assert grouped[("sm_80", "sim<2>")] is rows[3]
+
+
 # --- the model ----------------------------------------------------------------------------------------------------
 
 BENCH = lora_model.Shape(8192, 4096, 4096, 16)

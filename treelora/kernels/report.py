@@ -20,11 +20,14 @@ The cuobjdump used is ``$TREELORA_CUOBJDUMP``, else the one triton's NVIDIA back
 (IEEE fp32 products excepted: they run on FMA units by contract, as torch's own fp32 matmul does), any LoRA kernel
 for sm_80 or sm_90 has spill / stack bytes or local-memory instructions, or the chosen design's critical-path extra
 bytes exceed the budget its speed target leaves (:func:`treelora.kernels.lora_model.check_design`). CUDA LoRA kernels
-are those of ``treelora._C`` named ``lora_*``; Triton LoRA kernels those of ``treelora/kernels/triton/lora.py`` with a
-matrix product.
+are those of ``treelora._C`` named ``lora_*`` (the tensor-core rule skips their fp32-only instantiations); Triton LoRA
+kernels those of ``treelora/kernels/triton/lora.py`` (the tensor-core rule applies to those with a 16-bit or TF32
+matrix product).
 
 Run: ``python -m treelora.kernels.report`` (all Triton specs compile in a few minutes on 2 cores; ``--jobs``
-processes compile in parallel), ``--all`` lists every spec instead of the benchmark configuration's.
+processes compile in parallel). By default the Triton LoRA kernels of the benchmark configuration (bf16, r = 16) are
+listed one by one and the other kernels grouped by name (the largest numbers of their instantiations); ``--all`` lists
+every kernel; the check always covers all of them.
 """
 
 from __future__ import annotations
@@ -328,8 +331,48 @@ def cuda_rows(tool: str, library: Path, archs: Sequence[int] = ARCHS) -> list[Ke
         resources = usage.get((arch, function)) or ResourceUsage(0, 0, 0, 0)
         name = names.get(function, function)
         is_lora = name.startswith("lora_")
-        rows.append(row_from_binary("cuda", name, arch, resources, counts, resources.shared, is_lora, is_lora))
+        rows.append(
+            row_from_binary("cuda", name, arch, resources, counts, resources.shared, is_lora, _cuda_needs_mma(name))
+        )
     return rows
+
+
+def _cuda_needs_mma(name: str) -> bool:
+    """Whether a CUDA kernel must use tensor cores: the ``lora_*`` kernels, except an instantiation for fp32 data
+    only (template arguments naming ``float`` and no 16-bit type), which may run IEEE fp32 on FMA units as torch's
+    own fp32 matmul does (the same exception as for Triton's IEEE fp32 products)."""
+    if not name.startswith("lora_"):
+        return False
+    _, _, args = name.partition("<")
+    fp32_only = "float" in args and "__half" not in args and "bfloat16" not in args
+    return not fp32_only
+
+
+def group_instantiations(rows: Sequence[KernelRow]) -> list[KernelRow]:
+    """Non-LoRA rows folded into one per (backend, architecture, kernel name without template arguments), with the
+    largest registers, spills, local-memory instructions and shared memory of the instantiations; LoRA rows as they
+    are."""
+    out: list[KernelRow] = []
+    groups: dict[tuple[str, str, str], list[KernelRow]] = {}
+    for r in rows:
+        if r.lora:
+            out.append(r)
+        else:
+            groups.setdefault((r.backend, r.arch, r.name.partition("<")[0]), []).append(r)
+    for (backend, arch, base), members in groups.items():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        kinds = sorted({m.mma_kind for m in members if m.mma_count})
+        out.append(
+            KernelRow(
+                backend, f"{base} (max of {len(members)} instantiations)", arch,
+                max(m.registers for m in members), max(m.spill_bytes for m in members),
+                max(m.local_ops for m in members), max(m.shared_bytes for m in members),
+                "+".join(kinds) or "-", max(m.mma_count for m in members), False, False,
+            )
+        )  # fmt: skip
+    return out
 
 
 # --- printing -----------------------------------------------------------------------------------------------------
@@ -467,11 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rows += cuda_rows(tool, library)
 
-    shown = rows if args.all else _bench_rows(rows)
+    shown = rows if args.all else group_instantiations(_bench_rows(rows))
     for backend in backends:
         mine = [r for r in shown if r.backend == backend]
         if mine:
-            what = "every kernel" if args.all or backend == "cuda" else "LoRA: the benchmark configuration (bf16, r=16)"
+            what = "every kernel" if args.all else "LoRA kernels of the benchmark configuration and the others grouped"
             print(f"\n{backend} kernels, {what}:")
             print(format_rows(mine))
     print("\nAll kernels:\n" + summarize(rows))
