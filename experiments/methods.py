@@ -187,7 +187,7 @@ class _FixedSearch:
         self.selection, self.t = state["selection"], state["t"]
 
 
-class OracleTreeLoRA(DiagTreeLoRA):
+class OracleTreeLoRA(TreeLoRA):
     """Selection by task family: the most recent earlier task of the same family (else the most recent task)."""
 
     def __init__(
@@ -197,7 +197,8 @@ class OracleTreeLoRA(DiagTreeLoRA):
         families: Sequence[int] = (),
         **options: Any,
     ) -> None:
-        super().__init__(layers, optimizer, **options)
+        preset, options = _split(options)
+        super().__init__(layers, TreeLoRAConfig.from_preset(preset, **options), optimizer)
         if not families:
             raise ValueError("treelora-oracle needs families=[family of each stream position]")
         self.families = list(families)

@@ -12,8 +12,7 @@ class seen so far, at training and at test (``class``). For streams where forget
   ``linear``/``task``/``task`` is the trainer's ``task`` protocol, ``linear``/``seen``/``seen`` its ``class`` one,
   ``linear``/``task``/``seen`` the L2P / InfLoRA protocol.
 
-This is an experiment-side emulation; the proposed trainer change (TrainerConfig.head, train/test logits) is written
-up in experiments/README.md.
+This is an experiment-side emulation of a trainer option (a head kind and training / test logit sets).
 """
 
 from __future__ import annotations

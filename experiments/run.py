@@ -26,9 +26,13 @@ from protocols import ProtocolTrainer  # noqa: E402
 
 from treelora.cl.trainer import TrainerConfig  # noqa: E402
 from treelora.data import STREAMS, get_stream  # noqa: E402
-from treelora.data.forgetting import validation_split, wordnet_classil  # noqa: E402
+from treelora.data.forgetting import (  # noqa: E402
+    validation_split,
+    wordnet_classil,
+    wordnet_instruct_classil,
+)
 
-EXTRA_STREAMS = {"wordnet-classil": wordnet_classil}
+EXTRA_STREAMS = {"wordnet-classil": wordnet_classil, "wordnet-instruct-classil": wordnet_instruct_classil}
 
 
 def build_stream(name: str, options: dict, validation: float | None):
@@ -87,6 +91,7 @@ def run_one(args: argparse.Namespace, seed: int, method_options: dict) -> dict:
         "bwt": result.metrics.get("bwt"),
         "forgetting": result.metrics.get("forgetting"),
         "R": result.R,
+        "zero_shot": result.zero_shot,
         "train_seconds": result.train_seconds,
         "wall_seconds": wall,
         "threads": torch.get_num_threads(),
@@ -128,9 +133,10 @@ def main() -> None:
             row = run_one(args, seed, options)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.1f}"
             print(
                 f"{args.tag} {args.method} {json.dumps(options)} seed {seed}: ACC {100 * row['acc']:.1f} "
-                f"BWT {100 * row['bwt']:.1f} ({row['wall_seconds']:.0f} s)",
+                f"BWT {bwt} ({row['wall_seconds']:.0f} s)",
                 flush=True,
             )
 

@@ -3,6 +3,10 @@
 * :func:`wordnet_classil`: the 32 WordNet supersenses as a class-incremental stream (8 tasks of 4 classes), with a
   description of every class in ``stream.info["class_descriptions"]`` (for a frozen label-embedding head) and a task
   order that interleaves the three families of related tasks (``order="families"``) or keeps them contiguous.
+* :func:`wordnet_instruct_classil`: the same supersenses as an instruction stream for causal LMs: every task asks the
+  same question ("What kind of word is 'X'?") and only the answers change from task to task (the class descriptions
+  of its 4 supersenses), scored as multiple choice over the descriptions of every class of the stream; training on a
+  task moves the model's answers toward that task's classes, overwriting what earlier tasks taught.
 * :func:`validation_split`: the same stream with each task's test set replaced by a held-out part of its training
   data, for choosing hyperparameters without looking at test data.
 """
@@ -14,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from treelora.data.stream import DataError, LabelledData, Stream
+from treelora.data.stream import DataError, LabelledData, Stream, Task
 from treelora.data.wordnet import SUPERSENSE_FAMILIES, SUPERSENSE_TASKS, wordnet_supersense
 
 # Families interleaved, so that the most similar earlier task is rarely the previous one: concrete nouns (0-2),
@@ -80,6 +84,54 @@ def wordnet_classil(
         }
     )
     return stream
+
+
+def wordnet_instruct_classil(
+    order: str | Sequence[int] = "families",
+    num_tasks: int = 4,
+    train_per_class: int | None = 40,
+    test_per_class: int | None = 10,
+    seed: int = 0,
+) -> Stream:
+    """WordNet supersenses as a class-incremental instruction stream (prompt -> class description).
+
+    Args:
+        order: as in :func:`wordnet_classil`; the first ``num_tasks`` tasks of it are kept.
+        num_tasks: tasks kept (4 classes each).
+        train_per_class, test_per_class: words per class (a seeded subset of the shipped split).
+        seed: seeds the subsets.
+    Returns:
+        an instruction stream named ``wordnet-instruct-classil``: items ``{"prompt", "answer", "options"}`` with the
+        answer one of the options, the options the descriptions of all ``4 * num_tasks`` classes (the same list for
+        every item); ``info["families"]`` as in :func:`wordnet_classil`.
+    """
+    words = wordnet_classil(order, train_per_class=train_per_class, test_per_class=test_per_class, seed=seed)
+    if not 1 <= num_tasks <= len(words.tasks):
+        raise DataError(f"num_tasks must be in 1..{len(words.tasks)}, got {num_tasks}")
+    kept = words.tasks[:num_tasks]
+    descriptions = words.info["class_descriptions"]
+    options = [descriptions[c] for t in kept for c in t.classes]
+
+    def items(data: LabelledData) -> list[dict]:
+        return [
+            {"prompt": f"What kind of word is '{w}'?\nAnswer:", "answer": descriptions[int(c)], "options": options}
+            for w, c in zip(data.inputs, data.labels.tolist())
+        ]
+
+    tasks = [
+        Task(name=t.name, kind="instruct", train=items(t.train), test=items(t.test), metric="multiple_choice")
+        for t in kept
+    ]
+    info = {
+        "order": words.info["order"][:num_tasks],
+        "families": words.info["families"][:num_tasks],
+        "train_per_class": train_per_class,
+        "test_per_class": test_per_class,
+        "seed": seed,
+        "protocol": "class-incremental",
+        "source": "WordNet 3.0",
+    }
+    return Stream(name="wordnet-instruct-classil", tasks=tasks, input_kind="text", info=info)
 
 
 def validation_split(stream: Stream, fraction: float = 0.2, seed: int = 0) -> Stream:
