@@ -8,6 +8,22 @@ have (the task families).
     task-loss gradient every ``check_every`` steps, the task-loss-only mean gradient of A and of B, the adapter
     snapshot (A and B), the pulls per (bank entry, layer) and the distances of the finished task's signature to every
     stored one. Tensors go to ``<dump>.pt``; scalars to the run's JSON line (``diagnostics``).
+``treelora-greedy``
+    :class:`GreedyTreeLoRA`: full-information selection: at every step, per layer, the bank entry closest to the
+    current running signature (all entries compared at once), instead of the LCB bandit's one observed arm.
+``treelora-agem``
+    :class:`AGEMTreeLoRA`: a gradient-space regularizer in the spirit of the paper's Eq. 3: after backward, for every
+    layer, the task gradient of A is projected so that it does not conflict with the selected task's stored gradient
+    signature (A-GEM's rule with that task as the memory: when <g, G_k> < 0, g <- g - s <g, G_k> / |G_k|^2 G_k;
+    s = ``agem_strength``, 1 = A-GEM's projection, s > 1 over-corrects toward G_k). ``agem_target="all"`` uses
+    the mean of every stored signature instead of the selected one. Records the share of (step, layer) pairs in
+    conflict and the mean |cos(g, G_k)|.
+``treelora-first``
+    TreeLoRA anchored to the first task's adapter at every layer (with ``search='last'`` in the library this isolates
+    whether the anchor's choice among past tasks matters at all).
+``seqlora-freeze-a``
+    SeqLoRA that stops training every LoRA A after the first task (only B and nothing else learns afterwards): the
+    limit of a very large A-only penalty toward a past adapter.
 ``treelora-oracle``
     TreeLoRA whose selection is, for every layer, the most recent earlier task of the current task's family (the
     family labels come from ``families=[...]``, one per stream position); a task without an earlier family member
@@ -22,7 +38,7 @@ import torch
 from torch import nn
 
 from treelora.cl.config import TreeLoRAConfig
-from treelora.cl.method import OptimizerConfig, adapter_parameters
+from treelora.cl.method import ContinualMethod, OptimizerConfig, adapter_parameters
 from treelora.cl.regularizer import l1_regularized_loss, official_regularized_loss
 from treelora.cl.treelora import TreeLoRA
 from treelora.ops import pairwise_similarity
@@ -213,9 +229,110 @@ class OracleTreeLoRA(TreeLoRA):
         return _FixedSearch(torch.full((self.num_layers,), entry, dtype=torch.int64, device=self.device))
 
 
+class GreedyTreeLoRA(DiagTreeLoRA):
+    """Per step and layer, the bank entry nearest to the running signature (see the module docstring)."""
+
+    def _make_search(self) -> Any:
+        base = super()._make_search()
+        if base is None:
+            return None
+        self._greedy = _FixedSearch(torch.full((self.num_layers,), len(self.bank) - 1, dtype=torch.int64))
+        return self._greedy
+
+    def _observe(self, sample: torch.Tensor) -> None:
+        super()._observe(sample)
+        if self.search is not None:
+            costs = pairwise_similarity(self._acc, self.bank.signatures.float(), self.config.metric)
+            costs = costs if IS_DISTANCE[self.config.metric] else -costs
+            self._greedy.selection = costs.argmin(0)
+
+
+class AGEMTreeLoRA(DiagTreeLoRA):
+    """A-GEM-style projection of the A gradients against the selected tasks' stored gradients (module docstring)."""
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        optimizer: OptimizerConfig | None = None,
+        agem_strength: float = 1.0,
+        agem_target: str = "selected",
+        **options: Any,
+    ) -> None:
+        options.setdefault("reg_lambda", 0.0)
+        super().__init__(layers, optimizer, **options)
+        if agem_target not in ("selected", "all"):
+            raise ValueError(f"agem_target must be 'selected' or 'all', got {agem_target!r}")
+        self.agem_strength, self.agem_target = float(agem_strength), agem_target
+        self.diagnostics.update({"conflict_share": [], "mean_abs_cos": []})
+
+    def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
+        super().begin_task(task_id, steps_per_epoch, epochs)
+        self._agem = {"conflicts": 0, "pairs": 0, "abs_cos": 0.0}
+
+    def after_backward(self) -> None:
+        super().after_backward()
+        if self.last_selection is None:
+            return
+        if self.agem_target == "all":
+            ref = self.bank.signatures.float().mean(0)
+        else:
+            ref = self.bank.gather(self.last_selection).float()
+        g = self._stacked_grads()
+        dot = (g * ref).sum(1)
+        norm2 = ref.square().sum(1).clamp_min(1e-30)
+        conflict = dot < 0
+        coef = torch.where(conflict, self.agem_strength * dot / norm2, torch.zeros_like(dot))
+        new = g - coef[:, None] * ref
+        cos = dot / (g.norm(dim=1) * norm2.sqrt()).clamp_min(1e-30)
+        a = self._agem
+        a["conflicts"] += int(conflict.sum())
+        a["pairs"] += conflict.numel()
+        a["abs_cos"] += float(cos.abs().sum())
+        for l, A in enumerate(self._adapters):
+            A.grad.copy_(new[l, : A.numel()].view_as(A))
+
+    def end_task(self) -> None:
+        a = self._agem
+        self.diagnostics["conflict_share"].append(a["conflicts"] / max(a["pairs"], 1))
+        self.diagnostics["mean_abs_cos"].append(a["abs_cos"] / max(a["pairs"], 1))
+        super().end_task()
+
+
+class FirstTreeLoRA(TreeLoRA):
+    """Anchored to bank entry 0 (the first task's adapter) at every layer."""
+
+    def __init__(self, layers: Sequence[nn.Module], optimizer: OptimizerConfig | None = None, **options: Any) -> None:
+        preset, options = _split(options)
+        super().__init__(layers, TreeLoRAConfig.from_preset(preset, **options), optimizer)
+
+    def _make_search(self) -> Any:
+        if super()._make_search() is None:
+            return None
+        return _FixedSearch(torch.zeros(self.num_layers, dtype=torch.int64, device=self.device))
+
+
+class FreezeASeqLoRA(ContinualMethod):
+    """Sequential fine-tuning with every LoRA A frozen after the first task."""
+
+    name = "seqlora-freeze-a"
+
+    def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
+        if task_id >= 1:
+            for layer in self.layers:
+                adapter_parameters(layer)[0].requires_grad_(False)
+        super().begin_task(task_id, steps_per_epoch, epochs)
+
+
 def make(name: str):
     """A trainer method factory ``(layers, optimizer, **options)`` for an experiment method name, or None."""
-    table = {"treelora-diag": DiagTreeLoRA, "treelora-oracle": OracleTreeLoRA}
+    table = {
+        "treelora-diag": DiagTreeLoRA,
+        "treelora-oracle": OracleTreeLoRA,
+        "treelora-greedy": GreedyTreeLoRA,
+        "treelora-agem": AGEMTreeLoRA,
+        "treelora-first": FirstTreeLoRA,
+        "seqlora-freeze-a": FreezeASeqLoRA,
+    }
     cls = table.get(name)
     if cls is None:
         return None
