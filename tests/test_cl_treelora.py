@@ -301,6 +301,29 @@ def test_l1_regularizer_hand_computed():
     torch.testing.assert_close(A.grad, torch.tensor([[1 / 6, -1 / 6, 1 / 6], [0.25, -0.25, 0.0]]))
 
 
+def test_last_search_anchors_to_the_previous_task_adapter():
+    """search='last': every step regularises toward the newest snapshot, so the returned loss is
+    CE + λ Σ_l ‖A_l − P_{k-1}[l]‖₁ / D_l with P_{k-1} the adapter at the end of the previous task."""
+    model, layers = make_model()
+    method = TreeLoRA(layers, TreeLoRAConfig.paper(search="last", reg_lambda=3.0))
+    snapshots = []
+    for task in range(3):
+        train_task(model, method, task)
+        snapshots.append(torch.stack([layer.lora_A.detach().reshape(-1) for layer in layers]).double().clone())
+    data = batches(3, 2)
+    method.begin_task(3, 2, 1)
+    method.begin_epoch(0)
+    train_step(model, method, data[0])  # move A away from the task-2 snapshot
+    x, y = data[1]
+    ce = F.cross_entropy(model(x), y)
+    A = torch.stack([layer.lora_A.detach().reshape(-1) for layer in layers]).double()
+    penalties = [3.0 * float(((A - P).abs().sum(1) / A.shape[1]).sum()) for P in snapshots]
+    loss = method.before_backward(ce)
+    assert method.last_selection.tolist() == [2] * len(layers)
+    assert penalties[2] > 0 and abs(penalties[0] - penalties[2]) > 1e-3 * penalties[2]
+    assert loss.item() == pytest.approx(float(ce) + penalties[2], rel=1e-6)
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("sign_of_R", [1.0, -1.0])
 def test_regularizer_closed_form_gradients_match_autograd(signed, sign_of_R):
