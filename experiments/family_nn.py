@@ -39,7 +39,10 @@ def main() -> None:
                     hits += fam[int(cost.argmin())] == fam[k]
                     chance += len(earlier) / k
                     n += 1
-            print(f"{key:11s} {metric:14s} nearest earlier task in the family: {hits / n:.2f} (chance {chance / n:.2f}, {n} cases)")
+            print(
+                f"{key:11s} {metric:14s} nearest earlier task in the family: {hits / n:.2f} "
+                f"(chance {chance / n:.2f}, {n} cases)"
+            )
 
 
 if __name__ == "__main__":

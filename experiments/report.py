@@ -40,9 +40,13 @@ def main() -> None:
         bwt = [r["bwt"] for r in rows if r["bwt"] is not None]
         seeds = ",".join(str(r["seed"]) for r in rows)
         wall = statistics.mean(r["wall_seconds"] for r in rows)
-        print(f"{tag:28s} {method:16s} {opts:44s} {fmt(acc):>13s} {fmt(bwt):>13s} {seeds:6s} {wall:5.0f}")
+        errors = sum("error" in r for r in rows)
+        note = f"  ({errors} diverged)" if errors else ""
+        print(f"{tag:28s} {method:16s} {opts:44s} {fmt(acc):>13s} {fmt(bwt):>13s} {seeds:6s} {wall:5.0f}{note}")
         if args.matrix:
             for r in rows:
+                if "R" not in r:
+                    continue
                 print(f"  seed {r['seed']}")
                 for row in r["R"]:
                     print("    " + " ".join("  -  " if v is None else f"{v:.2f}" for v in row))

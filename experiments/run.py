@@ -130,7 +130,25 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for options in sweep:
         for seed in args.seeds:
-            row = run_one(args, seed, options)
+            try:
+                row = run_one(args, seed, options)
+            except FloatingPointError as e:  # a diverged run is a result too (recorded, the sweep goes on)
+                row = {
+                    "tag": args.tag,
+                    "method": args.method,
+                    "method_options": options,
+                    "seed": seed,
+                    "stream": args.stream,
+                    "validation": args.validation,
+                    "error": str(e),
+                    "acc": None,
+                    "bwt": None,
+                    "wall_seconds": 0.0,
+                }
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{args.tag} {args.method} {json.dumps(options)} seed {seed}: diverged: {e}", flush=True)
+                continue
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.1f}"

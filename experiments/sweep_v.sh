@@ -18,6 +18,10 @@ for seed in $SEEDS; do
     --sweep '[{"agem_strength":1},{"agem_strength":1,"agem_target":"all"},{"agem_strength":10}]'
   python experiments/run.py "${COMMON[@]}" --seeds "$seed" --method treelora-first --tag val-v --sweep '[{"reg_lambda":200}]'
   python experiments/run.py "${COMMON[@]}" --seeds "$seed" --method seqlora-freeze-a --tag val-v
+  python experiments/run.py "${COMMON[@]}" --seeds "$seed" --method treelora-diag --tag val-v-diag \
+    --sweep '[{"reg_lambda":200},{"reg_lambda":200,"lcb_c":0.1}]'
+  python experiments/run.py "${COMMON[@]}" --seeds "$seed" --method treelora-greedy --tag val-v-diag \
+    --sweep '[{"reg_lambda":200}]'
   python experiments/run.py "${COMMON[@]}" --seeds "$seed" --method ewc --tag val-a \
     --sweep '[{"ewc_lambda":0.01},{"ewc_lambda":0.1}]' --out experiments/results/sweep_a_val.jsonl
 done

@@ -22,7 +22,7 @@ def load(paths: list[str], tag: str) -> dict[tuple[str, str], dict[float, list[d
     for path in paths:
         for line in open(path):
             r = json.loads(line)
-            if r["tag"] != tag:
+            if r["tag"] != tag or r.get("acc") is None:
                 continue
             opts = {k: v for k, v in r["method_options"].items() if k not in ("dump", "families")}
             lam = next((float(opts.pop(k)) for k in LAMBDA_KEYS if k in opts), 0.0)
