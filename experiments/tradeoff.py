@@ -5,7 +5,8 @@
 
 Groups runs by (method, options without the lambda), averages ACC and BWT over seeds per lambda, prints one table per
 method with the lambda of the highest mean validation ACC marked (the selection rule: ACC after the last task is what
-forgetting costs in a class-incremental stream), and draws every (method, lambda) point in the ACC-BWT plane.
+forgetting costs in a class-incremental stream; only lambdas run on all of the group's seeds compete), and draws
+every (method, lambda) point in the ACC-BWT plane.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def main() -> None:
             acc = mean_sd([100 * r["acc"] for r in runs])
             bwt = mean_sd([100 * r["bwt"] for r in runs])
             rows.append((lam, acc, bwt, sorted(r["seed"] for r in runs)))
-        best = max(rows, key=lambda row: row[1][0])
+        # Only lambdas run on every seed of the group compete (a mean over other seeds is not comparable).
+        full = max(len(row[3]) for row in rows)
+        best = max((row for row in rows if len(row[3]) == full), key=lambda row: row[1][0])
         print(f"{label}")
         for lam, acc, bwt, seeds in rows:
             mark = "  <- chosen (max mean val ACC)" if row_is(best, lam) and len(rows) > 1 else ""
