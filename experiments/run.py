@@ -57,6 +57,7 @@ def run_one(args: argparse.Namespace, seed: int, method_options: dict) -> dict:
         lr=args.lr,
         max_length=args.max_length,
         max_steps_per_task=args.max_steps,
+        max_grad_norm=None if args.max_grad_norm <= 0 else args.max_grad_norm,
         eval_zero_shot=args.zero_shot,
         eval_next_task=args.zero_shot,
         seed=seed,
@@ -117,6 +118,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clipping (<= 0: none)")
     p.add_argument("--zero-shot", action="store_true", help="also measure zero-shot and next-task accuracy")
     p.add_argument("--validation", type=float, default=None, help="evaluate on this share of held-out train data")
     p.add_argument("--dump", default=None, help="path prefix for the diagnostic tensors of treelora-* methods")
