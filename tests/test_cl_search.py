@@ -10,7 +10,7 @@ import torch
 
 from treelora import ops
 from treelora.cl import GradientTree, LCBSearch, TaskBank
-from treelora.cl.search import RandomSearch, SoftmaxSampler
+from treelora.cl.search import LastSearch, RandomSearch, SoftmaxSampler
 
 
 def _stream(seed: int, steps: int, T: int = 8, L: int = 4, D: int = 64):
@@ -202,3 +202,14 @@ def test_random_search_and_update_errors():
         search.update(torch.zeros(4))
     with pytest.raises(IndexError, match="selected must hold task indices"):
         search.update(torch.zeros(3), selected=torch.tensor([0, 1, 9]))
+
+
+def test_last_search_always_returns_the_newest_entry_and_records_costs():
+    search = LastSearch(5, 3)
+    for _ in range(3):
+        assert search.select().tolist() == [4, 4, 4]
+        search.update(torch.tensor([1.0, 2.0, 3.0]))
+    # Costs are recorded per (entry, layer) like RandomSearch's: 3 pulls of entry 4 at every layer.
+    assert search.stats[4, :, 0].tolist() == [3.0, 3.0, 3.0]
+    assert search.stats[4, :, 1].tolist() == [3.0, 6.0, 9.0]
+    assert float(search.stats[:4].abs().sum()) == 0.0

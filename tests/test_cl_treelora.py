@@ -16,7 +16,12 @@ from torch import nn
 
 from tests.utils import assert_close_to_ref
 from treelora.cl import TreeLoRA, TreeLoRAConfig
-from treelora.cl.regularizer import l1_regularized_loss, official_regularized_loss
+from treelora.cl.regularizer import (
+    l1_regularized_loss,
+    l1_regularizer_grad,
+    official_regularized_loss,
+    official_regularizer_grad,
+)
 from treelora.nn import inject_lora
 
 WIDTH, CLASSES, BATCH = 12, 3, 8
@@ -184,23 +189,32 @@ def _record_task(model, method, task, steps, epochs, record):
     method.end_task()
 
 
-def test_grad_signature_is_the_mean_gradient_of_the_task():
+@pytest.mark.parametrize("regularizer", ["l1", "official"])
+def test_grad_signature_is_the_mean_task_loss_gradient(regularizer):
+    """The signature averages the gradient of the task loss alone (computed here by a separate autograd call on the
+    cross-entropy), not A.grad after the regularised backward pass, which also holds the penalty's gradient."""
     model, layers = make_model()
-    method = TreeLoRA(layers, TreeLoRAConfig.paper())
+    method = TreeLoRA(layers, TreeLoRAConfig.paper(regularizer=regularizer, reg_lambda=5.0))
     train_task(model, method, 0)
-    grads = []
-    _record_task(
-        model,
-        method,
-        1,
-        steps=5,
-        epochs=2,
-        record=lambda when, epoch: (
-            when == "after" and grads.append(torch.stack([layer.lora_A.grad.reshape(-1) for layer in layers]).clone())
-        ),
-    )
+    data = batches(1, 5)
+    method.begin_task(1, 5, 2)
+    grads, totals = [], []
+    for epoch in range(2):
+        method.begin_epoch(epoch)
+        for x, y in data:
+            ce = F.cross_entropy(model(x), y)
+            A = [layer.lora_A for layer in layers]
+            grads.append(torch.stack([g.reshape(-1) for g in torch.autograd.grad(ce, A, retain_graph=True)]))
+            method.before_backward(ce).backward()
+            totals.append(torch.stack([a.grad.reshape(-1) for a in A]).clone())
+            method.after_backward()
+            method.step()
+    method.end_task()
     ref = torch.stack(grads).double().mean(0)
     assert_close_to_ref("grad signature", method.bank.signatures[1], ref, baseline=torch.stack(grads).mean(0))
+    # The regularizer's part is not negligible here, so the test would catch a signature that kept it.
+    contamination = (torch.stack(totals).double().mean(0) - ref).abs().sum() / ref.abs().sum()
+    assert contamination > 0.05
 
 
 @pytest.mark.parametrize("times_layers", [True, False])
@@ -285,6 +299,53 @@ def test_l1_regularizer_hand_computed():
     out.backward()
     assert out.item() == pytest.approx(1.25)
     torch.testing.assert_close(A.grad, torch.tensor([[1 / 6, -1 / 6, 1 / 6], [0.25, -0.25, 0.0]]))
+
+
+def test_last_search_anchors_to_the_previous_task_adapter():
+    """search='last': every step regularises toward the newest snapshot, so the returned loss is
+    CE + λ Σ_l ‖A_l − P_{k-1}[l]‖₁ / D_l with P_{k-1} the adapter at the end of the previous task."""
+    model, layers = make_model()
+    method = TreeLoRA(layers, TreeLoRAConfig.paper(search="last", reg_lambda=3.0))
+    snapshots = []
+    for task in range(3):
+        train_task(model, method, task)
+        snapshots.append(torch.stack([layer.lora_A.detach().reshape(-1) for layer in layers]).double().clone())
+    data = batches(3, 2)
+    method.begin_task(3, 2, 1)
+    method.begin_epoch(0)
+    train_step(model, method, data[0])  # move A away from the task-2 snapshot
+    x, y = data[1]
+    ce = F.cross_entropy(model(x), y)
+    A = torch.stack([layer.lora_A.detach().reshape(-1) for layer in layers]).double()
+    penalties = [3.0 * float(((A - P).abs().sum(1) / A.shape[1]).sum()) for P in snapshots]
+    loss = method.before_backward(ce)
+    assert method.last_selection.tolist() == [2] * len(layers)
+    assert penalties[2] > 0 and abs(penalties[0] - penalties[2]) > 1e-3 * penalties[2]
+    assert loss.item() == pytest.approx(float(ce) + penalties[2], rel=1e-6)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("sign_of_R", [1.0, -1.0])
+def test_regularizer_closed_form_gradients_match_autograd(signed, sign_of_R):
+    """official_regularizer_grad / l1_regularizer_grad against float64 autograd of the penalty terms, with a zero-padded
+    module and entries where A = P (gradient 0 there, as autograd's |x| at 0)."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    A[2, 3:] = 0.0
+    G = sign_of_R * torch.rand(3, 5, dtype=torch.float64, generator=gen) * A.sign()  # R < 0 when sign_of_R > 0
+    P = A + 0.1 * torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    P[2, 3:] = 0.0
+    P[0, 1] = A[0, 1]
+    inv_widths = torch.tensor([1 / 5, 1 / 5, 1 / 3], dtype=torch.float64)
+    loss = torch.tensor(0.7, dtype=torch.float64)
+    leaf = A.clone().requires_grad_(True)
+    official_regularized_loss(loss, leaf, G, 0.3, signed=signed).backward()
+    torch.testing.assert_close(official_regularizer_grad(loss, A, G, 0.3, signed=signed), leaf.grad)
+    leaf = A.clone().requires_grad_(True)
+    l1_regularized_loss(loss, leaf, P, inv_widths, 0.3).backward()
+    closed = l1_regularizer_grad(A, P, inv_widths, 0.3)
+    torch.testing.assert_close(closed, leaf.grad)
+    assert closed[0, 1] == 0.0 and bool((closed[2, 3:] == 0).all())
 
 
 @pytest.mark.parametrize("warmup", ["epoch", "task"])

@@ -17,7 +17,7 @@ SIGNATURES = ("grad", "delta", "param")
 SIGNATURE_WINDOWS = ("task", "last_epoch")
 ACCUMULATORS = ("running_mean", "scaled_sum")
 SPLITS = ("principal", "mean_distance", "mean_dot")
-SEARCHES = ("lcb", "softmax", "random")
+SEARCHES = ("lcb", "softmax", "random", "last")
 TIE_BREAKS = ("random", "first")
 RESETS = ("task", "epoch")
 REGULARIZERS = ("official", "l1", "none")
@@ -67,7 +67,8 @@ class TreeLoRAConfig:
                                                                     layer so the LCB bonus has unit scale
     ``search``                        lcb           softmax         per-step task selection: hierarchical LCB
                                                                     descent, the released code's softmax
-                                                                    sampler, or uniform random (ablation)
+                                                                    sampler, uniform random or the last task
+                                                                    (ablations)
     ``lcb_c``                         2.0           2.0             exploration weight c in
                                                                     mu - c * sqrt(log(t + 1) / n)
     ``tie_break``                     random        random          equal LCBs: seeded coin or first child
@@ -149,7 +150,8 @@ class TreeLoRAConfig:
         "Per-step task selection per layer. 'lcb' (paper): descend the tree from the root to the child with the "
         "lower LCB. 'softmax' (released code): sample from a softmax over range-normalised scores with its "
         "root-child rescaling (note its score favours larger distances). 'random': uniform (Table 5's "
-        "'random search' ablation).",
+        "'random search' ablation). 'last': the most recent task at every layer (anchor to the previous task's "
+        "adapter, no tree: the baseline that isolates the tree's contribution).",
     )
     lcb_c: float = _opt(2.0, "Exploration weight c of the LCB (the paper's 2); >= 0.")
     tie_break: str = _opt(

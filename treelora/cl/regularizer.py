@@ -2,7 +2,10 @@
 
 All take the current adapters as one stacked (L, D) tensor that carries autograd (modules narrower than D are
 zero-padded, which adds nothing to either penalty) and the selected rows of the bank as (L, D); each is a handful of
-tensor ops whatever L, with no host synchronisation.
+tensor ops whatever L, with no host synchronisation. Each penalty's gradient with respect to the adapters is also
+given in closed form (``*_regularizer_grad``): ``A.grad`` after the backward pass holds the task loss's gradient plus
+this one, so the task loss's gradient (what a ``grad`` signature must average) is recovered exactly by a subtraction,
+without a second backward pass.
 
 ``official`` (released code)
     ``R = −Σ_l ⟨A_l, G_{k_l}[l]⟩`` and ``loss ← loss + λ_t · loss.detach() · R / (|R.detach()| + ε)``: the value is
@@ -48,6 +51,28 @@ def official_regularized_loss(
     return loss + scale * R / (R.detach().abs() + eps)
 
 
+def official_regularizer_grad(
+    loss: torch.Tensor,
+    adapters: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float | torch.Tensor,
+    signed: bool = False,
+    eps: float = OFFICIAL_EPS,
+) -> torch.Tensor:
+    """(L, D) gradient of the penalty of :func:`official_regularized_loss` with respect to ``adapters``.
+
+    With s = λ_t · loss (detached) and R = −Σ_l ⟨A_l, G_l⟩: ``−s · G / (|R| + ε)``, or ``+s · G / (R + ε)`` when
+    ``signed`` (R is a constant of the backward pass, as the penalty detaches it).
+    """
+    A = adapters.detach()
+    G = targets.to(A.dtype)
+    R = -torch.dot(A.reshape(-1), G.reshape(-1))
+    scale = lam * loss.detach().to(A.dtype)
+    if signed:
+        return G * (scale / (R + eps))
+    return G * (-scale / (R.abs() + eps))
+
+
 def l1_regularized_loss(
     loss: torch.Tensor,
     adapters: torch.Tensor,
@@ -67,3 +92,12 @@ def l1_regularized_loss(
     # vector_norm reduces |A − P| in one pass (no |.| temporary) and its backward is one sign pass.
     per_layer = torch.linalg.vector_norm(adapters - snapshots.to(adapters.dtype), ord=1, dim=-1)
     return loss + lam * torch.dot(per_layer, inv_widths.to(per_layer.dtype))
+
+
+def l1_regularizer_grad(
+    adapters: torch.Tensor, snapshots: torch.Tensor, inv_widths: torch.Tensor, lam: float | torch.Tensor
+) -> torch.Tensor:
+    """(L, D) gradient of the penalty of :func:`l1_regularized_loss`: ``λ · sign(A_l − P_l) / D_l`` (0 where
+    A = P, as autograd's gradient of ``|x|`` at 0, and on the zero padding)."""
+    A = adapters.detach()
+    return torch.sign(A - snapshots.to(A.dtype)) * (lam * inv_widths.to(A.dtype))[:, None]

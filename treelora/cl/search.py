@@ -16,6 +16,9 @@ fixed number of launches per step, whatever the number of layers or tasks, and w
     over the range-normalised scores. Reproduces the released ``tree_search`` step by step.
 :class:`RandomSearch`
     Uniform selection per layer (the "random search" ablation).
+:class:`LastSearch`
+    The most recent bank entry at every layer: the regularizer then anchors to the previous task's adapter with no
+    tree and no search (the baseline that isolates what the tree's choice adds).
 """
 
 from __future__ import annotations
@@ -344,3 +347,12 @@ class RandomSearch(_Search):
         rows = (self._last if selected is None else selected) * self.num_layers + self._layer_ids
         self.stats.view(-1, 2).index_add_(0, rows, torch.stack([torch.ones_like(costs), costs], dim=-1))
         self.t += 1
+
+
+class LastSearch(RandomSearch):
+    """Always the last of ``num_tasks`` entries, at every layer (the "anchor to the previous task" baseline); costs
+    are recorded as by :class:`RandomSearch`."""
+
+    def select(self) -> torch.Tensor:
+        self._last = torch.full((self.num_layers,), self.num_tasks - 1, dtype=torch.int64, device=self.device)
+        return self._last
