@@ -1,7 +1,10 @@
 """Benchmark harness shared by every file in bench/ (pytest-benchmark).
 
-* Results go to ``bench/results/<device>/<name>.json`` (device ``cpu`` or the GPU's short name, e.g. ``h100``; name
-  from the benchmark files run) unless ``--benchmark-json`` is given.
+* Every measuring run writes its JSON report to ``bench/results/<device>/local/<name>.json`` (git-ignored; device
+  ``cpu`` or the GPU's short name, e.g. ``h100``; name = the stem of the one benchmark file run, else ``all``) unless
+  ``--benchmark-json`` is given. The committed reference files ``bench/results/<device>/<name>.json`` are written only
+  on request: ``--bench-reference`` or ``TREELORA_BENCH_REFERENCE=1``. pytest-benchmark's own storage
+  (``--benchmark-save`` / ``--benchmark-autosave`` into ``.benchmarks/``, ``--benchmark-compare``) works alongside.
 * Every benchmark records, in ``extra_info``: ``op``, ``provider`` (treelora-triton, treelora-cuda, treelora-torch,
   peft, torch-base, eager-reference), ``mode`` (forward, backward, full, step, ...), ``dtype``, its shape fields,
   ``device`` and the torch / triton versions (:func:`record`).
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import statistics
 import time
@@ -125,14 +129,76 @@ def copy_gbps() -> float:
     return 2 * n * 4 / seconds / 1e9
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    if config.getoption("benchmark_json", None) is not None or config.getoption("benchmark_disable", False):
-        return
-    if config.getoption("collectonly", False) or config.getoption("benchmark_skip", False):
-        return  # nothing will be measured: leave earlier results untouched
+REFERENCE_ENV = "TREELORA_BENCH_REFERENCE"
+
+
+class JsonReport(os.PathLike):
+    """The ``--benchmark-json`` target in the form every pytest-benchmark version accepts, opened only when the report
+    is written (after the run), so a run that crashes or measures nothing leaves an existing file as it was.
+
+    pytest-benchmark 4.x to 5.2 expect an open binary file (``argparse.FileType("wb")``) and write the report inside
+    ``with target as fh``; later versions take a path and ``open()`` it themselves (``os.PathLike``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
+        return self._file
+
+    def __exit__(self, *exc_info) -> None:
+        self._file.close()
+        self._file = None
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--bench-reference",
+        action="store_true",
+        default=False,
+        help="write the JSON report to the committed reference file bench/results/<device>/<name>.json instead of "
+        f"the git-ignored bench/results/<device>/local/<name>.json (same as {REFERENCE_ENV}=1)",
+    )
+
+
+def _reference_requested(config) -> bool:
+    value = os.environ.get(REFERENCE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise pytest.UsageError(f"{REFERENCE_ENV} must be unset, '0' or '1', got {value!r}")
+    return value == "1" or config.getoption("bench_reference", False)
+
+
+def report_path(config, reference: bool) -> Path:
+    """Where a run's JSON report goes: ``bench/results/<device>/[local/]<name>.json`` (see the module docstring)."""
     stems = sorted({Path(a.split("::")[0]).stem for a in config.args if a.split("::")[0].endswith(".py")})
     name = stems[0] if len(stems) == 1 else "all"
-    out = RESULTS / device_name()
-    out.mkdir(parents=True, exist_ok=True)
-    config.option.benchmark_json = open(out / f"{name}.json", "wb")  # noqa: SIM115 (pytest-benchmark closes it)
+    folder = RESULTS / device_name()
+    return (folder if reference else folder / "local") / f"{name}.json"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # tryfirst: pytest-benchmark reads benchmark_json when its own pytest_configure creates the benchmark session.
+    reference = _reference_requested(config)
+    if config.getoption("benchmark_json", None) is not None:
+        if reference:
+            raise pytest.UsageError(
+                f"--benchmark-json and --bench-reference / {REFERENCE_ENV}=1 both name the JSON report: give one"
+            )
+        return
+    if config.getoption("benchmark_disable", False) or config.getoption("collectonly", False):
+        return
+    if config.getoption("benchmark_skip", False) and not config.getoption("benchmark_only", False):
+        return  # nothing will be measured
+    path = report_path(config, reference)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config.option.benchmark_json = JsonReport(path)
