@@ -434,3 +434,10 @@ def test_fp32_adapters_on_bf16_activations_within_bf16_rounding(backend, fused_c
     )
     assert bool((diff <= bound).all()), f"{int((diff > bound).sum())} entries beyond 6 bf16 roundings"
     assert bool((err_f <= 4 * BF16_UNIT_ROUNDOFF * mag).all())
+
+
+def test_older_peft_is_refused_with_the_version_needed(monkeypatch):
+    # PEFT < 0.16 keeps no lora_variant dict on its layers, which the fused path's routing reads.
+    monkeypatch.setattr(peft, "__version__", "0.15.2")
+    with pytest.raises(ImportError, match=r"treelora.peft needs peft >= 0.16, found 0.15.2"):
+        treelora_peft.register()

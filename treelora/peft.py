@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from typing import Any
 
@@ -51,6 +52,7 @@ from treelora.nn.layer import fused_lora_forward
 __all__ = ["from_pretrained", "is_registered", "register", "unregister"]  # and PeftLoRALinear (built on access)
 
 _INSTALL_HINT = "treelora.peft needs the peft package: pip install 'treelora[peft]'"
+_MIN_PEFT = (0, 16)  # LoRA layers keep their variants in ``lora_variant`` from PEFT 0.16 on
 _original_create_new_module = None
 
 # The hook dictionaries torch consults when a module is called: on the module itself and process-wide.
@@ -60,11 +62,18 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 
 def _import_peft():
     try:
+        import peft
         from peft import LoraConfig, PeftModel
         from peft.tuners.lora import layer as lora_layer
         from peft.tuners.lora.model import LoraModel
     except ImportError as err:
         raise ImportError(_INSTALL_HINT) from err
+    found = tuple(int(part) for part in re.findall(r"\d+", peft.__version__)[:2])
+    if found < _MIN_PEFT:
+        raise ImportError(
+            f"treelora.peft needs peft >= {'.'.join(map(str, _MIN_PEFT))}, found {peft.__version__}: "
+            "pip install -U 'treelora[peft]'"
+        )
     return LoraConfig, PeftModel, lora_layer, LoraModel
 
 
