@@ -1,27 +1,32 @@
 # treelora developer commands. `make test` is what CI runs (.ci/run); `make demo` is the main job.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# torch first, pinned to the CPU wheel, so that nothing later pulls a multi-GB CUDA build of torch.
+# torch first, so that nothing later pulls another build. On Linux the default package index serves the CUDA build
+# (several GB); CI machines have no GPU, so the CPU wheel comes from PyTorch's CPU wheel index. On a GPU machine run
+# `make test TORCH_INDEX=` to install from the default index (or keep the CUDA torch already installed).
 TORCH_PIN := torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INSTALL = $(PIP) install $(TORCH_PIN) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
-.PHONY: install install-test demo test test-cpu test-interpreter test-cuda-emulated bench lint
+.PHONY: install install-test demo test test-cpu test-interpreter test-cuda-emulated test-peft-suite bench lint
 
 install:
-	$(PIP) install $(TORCH_PIN)
+	$(TORCH_INSTALL)
 	$(PIP) install -e .
 
 install-test:
-	$(PIP) install $(TORCH_PIN)
+	$(TORCH_INSTALL)
 	$(PIP) install -e ".[test]"
 
 demo: install
 	$(PYTHON) -m treelora info
 	$(PYTHON) -m treelora demo
 
-# Three lanes: CPU (everything that runs without a GPU), the Triton interpreter, and the CUDA C++ kernels on the
-# CPU emulator in tests/cuda_emulator. On a GPU machine the requires_cuda tests of the CPU lane run for real.
+# Four lanes: CPU (everything that runs without a GPU, including a smoke run of the benchmark harness), the Triton
+# interpreter, the CUDA C++ kernels on the CPU emulator in tests/cuda_emulator, and PEFT's own LoRA tests with
+# treelora registered. On a GPU machine the requires_cuda tests of the CPU lane run for real.
 test: install-test
-	$(MAKE) test-cpu test-interpreter test-cuda-emulated
+	$(MAKE) test-cpu test-interpreter test-cuda-emulated test-peft-suite
 
 test-cpu:
 	$(PYTHON) -m pytest -m "not interpreter" -q
@@ -40,7 +45,12 @@ KERNEL_CHECK ?= triton
 kernel-report:
 	$(PYTHON) -m treelora.kernels.report --check $(KERNEL_CHECK)
 
-# Results land in bench/results/<device>/all.json (one file per benchmark module when a single one is run).
+# The installed PEFT version's tests, unpacked once into build/peft-suite (selection: tests/peft_suite/plugin.py).
+test-peft-suite:
+	$(PYTHON) scripts/peft_suite.py -q
+
+# Reports land in bench/results/<device>/local/all.json (git-ignored); the committed references next to local/
+# change only with --bench-reference. `python scripts/bench_tables.py --local` renders the run as tables.
 bench: install-test
 	$(PYTHON) -m pytest bench --benchmark-only -q
 
