@@ -2,9 +2,13 @@
 
 * Every measuring run writes its JSON report to ``bench/results/<device>/local/<name>.json`` (git-ignored; device
   ``cpu`` or the GPU's short name, e.g. ``h100``; name = the stem of the one benchmark file run, else ``all``) unless
-  ``--benchmark-json`` is given. The committed reference files ``bench/results/<device>/<name>.json`` are written only
-  on request: ``--bench-reference`` or ``TREELORA_BENCH_REFERENCE=1``. pytest-benchmark's own storage
-  (``--benchmark-save`` / ``--benchmark-autosave`` into ``.benchmarks/``, ``--benchmark-compare``) works alongside.
+  ``--benchmark-json`` is given; the file is opened only when the report is written, after the run. The committed
+  reference files ``bench/results/<device>/<name>.json`` are written only on request: ``--bench-reference`` or
+  ``TREELORA_BENCH_REFERENCE=1``. ``--bench-results DIR`` moves the whole tree elsewhere. pytest-benchmark's own
+  storage (``--benchmark-save`` / ``--benchmark-autosave`` into ``.benchmarks/``, ``--benchmark-compare``) works
+  alongside.
+* ``--bench-smoke``: tiny shapes and a few rounds (modules that define ``SMOKE_SHAPES``; the others skip), report
+  under ``local/smoke/``: the seconds-long end-to-end check CI runs (``tests/test_bench_harness.py``).
 * Every benchmark records, in ``extra_info``: ``op``, ``provider`` (treelora-triton, treelora-cuda, treelora-torch,
   peft, torch-base, eager-reference), ``mode`` (forward, backward, full, step, ...), ``dtype``, its shape fields,
   ``device`` and the torch / triton versions (:func:`record`).
@@ -20,7 +24,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import pytest
 import torch
@@ -130,6 +134,13 @@ def copy_gbps() -> float:
 
 
 REFERENCE_ENV = "TREELORA_BENCH_REFERENCE"
+_smoke = False
+
+
+def smoke_run() -> bool:
+    """Whether this run is ``--bench-smoke``: the modules that define ``SMOKE_SHAPES`` run only those (tiny shapes,
+    a few rounds); the others skip. For checking the harness end to end in seconds, never for numbers."""
+    return _smoke
 
 
 class JsonReport(os.PathLike):
@@ -137,36 +148,52 @@ class JsonReport(os.PathLike):
     is written (after the run), so a run that crashes or measures nothing leaves an existing file as it was.
 
     pytest-benchmark 4.x to 5.2 expect an open binary file (``argparse.FileType("wb")``) and write the report inside
-    ``with target as fh``; later versions take a path and ``open()`` it themselves (``os.PathLike``).
+    ``with target as fh``; 5.3 takes a path and ``open()``s it itself (``os.PathLike``). Both are tested in
+    ``tests/test_bench_harness.py``.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = None
+        self._file: BinaryIO | None = None
 
     def __fspath__(self) -> str:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # 5.3 opens the path itself, right after asking for it
         return str(self.path)
 
     def __str__(self) -> str:
         return str(self.path)
 
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
+    def __enter__(self) -> BinaryIO:
+        self._file = open(self.__fspath__(), "wb")  # noqa: SIM115 (closed by __exit__)
         return self._file
 
-    def __exit__(self, *exc_info) -> None:
-        self._file.close()
-        self._file = None
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def pytest_addoption(parser):
-    parser.addoption(
+    group = parser.getgroup("treelora", "treelora benchmark harness")
+    group.addoption(
         "--bench-reference",
         action="store_true",
         default=False,
-        help="write the JSON report to the committed reference file bench/results/<device>/<name>.json instead of "
-        f"the git-ignored bench/results/<device>/local/<name>.json (same as {REFERENCE_ENV}=1)",
+        help="write the JSON report to the committed reference file <results>/<device>/<name>.json instead of the "
+        f"git-ignored <results>/<device>/local/<name>.json (same as {REFERENCE_ENV}=1)",
+    )
+    group.addoption(
+        "--bench-results",
+        metavar="DIR",
+        default=None,
+        help=f"the results folder the JSON report goes under (default {RESULTS})",
+    )
+    group.addoption(
+        "--bench-smoke",
+        action="store_true",
+        default=False,
+        help="tiny shapes and a few rounds, to check the harness end to end in seconds (report under "
+        "<results>/<device>/local/smoke/; modules without a smoke parametrisation skip)",
     )
 
 
@@ -177,18 +204,27 @@ def _reference_requested(config) -> bool:
     return value == "1" or config.getoption("bench_reference", False)
 
 
-def report_path(config, reference: bool) -> Path:
-    """Where a run's JSON report goes: ``bench/results/<device>/[local/]<name>.json`` (see the module docstring)."""
+def report_path(config, reference: bool, smoke: bool = False) -> Path:
+    """Where a run's JSON report goes: ``<results>/<device>/<name>.json`` for a reference run, else
+    ``<results>/<device>/local/[smoke/]<name>.json`` (see the module docstring)."""
     stems = sorted({Path(a.split("::")[0]).stem for a in config.args if a.split("::")[0].endswith(".py")})
     name = stems[0] if len(stems) == 1 else "all"
-    folder = RESULTS / device_name()
-    return (folder if reference else folder / "local") / f"{name}.json"
+    folder = Path(config.getoption("bench_results", None) or RESULTS) / device_name()
+    if not reference:
+        folder = folder / "local"
+        if smoke:
+            folder = folder / "smoke"
+    return folder / f"{name}.json"
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     # tryfirst: pytest-benchmark reads benchmark_json when its own pytest_configure creates the benchmark session.
+    global _smoke
+    _smoke = config.getoption("bench_smoke", False)
     reference = _reference_requested(config)
+    if reference and _smoke:
+        raise pytest.UsageError("--bench-smoke measures nothing worth keeping: it cannot write the reference results")
     if config.getoption("benchmark_json", None) is not None:
         if reference:
             raise pytest.UsageError(
@@ -197,8 +233,15 @@ def pytest_configure(config):
         return
     if config.getoption("benchmark_disable", False) or config.getoption("collectonly", False):
         return
-    if config.getoption("benchmark_skip", False) and not config.getoption("benchmark_only", False):
+    if config.getoption("benchmark_skip", False):
         return  # nothing will be measured
-    path = report_path(config, reference)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config.option.benchmark_json = JsonReport(path)
+    config.option.benchmark_json = JsonReport(report_path(config, reference, _smoke))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _smoke:
+        return
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and not hasattr(module, "SMOKE_SHAPES"):
+            item.add_marker(pytest.mark.skip(reason="--bench-smoke: this module has no smoke parametrisation"))
