@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ FILES = ["test_custom_models.py", "test_initialization.py", "test_lora_variants.
 PACKAGE = "tests"  # the name PEFT's tests have in PEFT (one of them checks a message that contains it)
 PLUGIN = ROOT / "tests" / "peft_suite"  # treelora_peft_suite.py, imported as a top-level module
 COMPLETE = ".complete"
+# Imported at module level by the selected PEFT test files (scipy by test_initialization.py), beyond peft's own needs.
+NEEDED = {"scipy": "scipy", "pytest": "pytest"}
 
 
 def installed_peft() -> str:
@@ -37,6 +40,12 @@ def installed_peft() -> str:
         return importlib.metadata.version("peft")
     except importlib.metadata.PackageNotFoundError:
         raise SystemExit("peft_suite: peft is not installed (pip install 'treelora[peft]')") from None
+
+
+def check_needed() -> None:
+    missing = [package for module, package in NEEDED.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"peft_suite: PEFT's test files need {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
 def fetch(cache: Path, version: str) -> Path:
@@ -83,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TREELORA_PEFT_SUITE_CACHE", DEFAULT_CACHE)))
     parser.add_argument("--fetch-only", action="store_true", help="download and unpack the tests, run nothing")
     args, pytest_args = parser.parse_known_args(argv)
-    home = fetch(args.cache.resolve(), installed_peft())
+    version = installed_peft()
+    check_needed()
+    home = fetch(args.cache.resolve(), version)
     if args.fetch_only:
         print(home / PACKAGE)
         return 0

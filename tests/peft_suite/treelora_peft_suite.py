@@ -18,8 +18,8 @@ a ``LoraConfig``. So the lane takes the tests that build such layers on small mo
 downloads) and exercise what a LoRA layer must keep doing: forward in every dtype and under autocast, training,
 merge / unmerge / safe merge, adapter add / switch / delete / disable, multiple active adapters, mixed adapter batches,
 save / load (safetensors, pickle, low_cpu_mem_usage, direct injection), device_map, requires_grad bookkeeping, the
-layer's repr and status, custom-module dispatch, hotswapping, scaling, LoRA initialisation, variants (DoRA, aLoRA, ...,
-which must fall back to PEFT's forward) and the low-level injection API:
+layer's repr and status, custom-module dispatch, hotswapping (also under ``torch.compile``), LoRA initialisation,
+variants (DoRA, aLoRA, ..., which must fall back to PEFT's forward) and the low-level injection API:
 
 * ``test_custom_models.py``: ``TestPeftCustomModel`` (all its test methods) on the cases of
   :data:`CUSTOM_MODEL_CASES` and its unparametrised LoRA tests; the LoRA cases of ``TestMultiRankAdapter``,
@@ -34,8 +34,8 @@ which must fall back to PEFT's forward) and the low-level injection API:
 Not taken, with the reason: ``TestScaling`` and ``TestLowCpuMemUsage`` of ``test_initialization.py`` load a model
 from the hub in every test; ``test_helpers.py``, ``test_tuners_utils.py`` and ``test_mixed.py`` need ``datasets`` /
 ``diffusers`` / ``parameterized`` beyond a module-level import; the decoder / encoder / seq-classifier files load
-models from the hub; ``test_torch_compile.py`` and the GPU files need a GPU. The lane takes about 3 minutes on 2 cores
-(about 900 tests; collecting PEFT's files is 10-15 s of it).
+models from the hub; ``test_torch_compile.py`` and the GPU files need a GPU. The lane runs 813 tests in 80 s of CPU
+time (4 min of wall time on a 2-core machine shared at load average 8), 10-15 s of it collecting PEFT's files.
 
 Deselected inside the selection: :data:`DESELECTED` (each with its reason). A test that fails because of treelora is
 fixed in treelora, never listed there.
@@ -51,7 +51,7 @@ import types
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: hub access fails fast, no network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: the lane never uses the network
 
 # The TestPeftCustomModel cases taken (its test methods x these configs): the plain LoRA cases on nn.Linear targets,
 # which take treelora's fused path, then one case of each kind that must not (a variant, LoRA bias, a parameter
