@@ -441,3 +441,20 @@ def test_older_peft_is_refused_with_the_version_needed(monkeypatch):
     monkeypatch.setattr(peft, "__version__", "0.15.2")
     with pytest.raises(ImportError, match=r"treelora.peft needs peft >= 0.16, found 0.15.2"):
         treelora_peft.register()
+
+
+def test_disabled_input_casting_behaves_like_stock(fused_calls):
+    # peft.helpers.disable_input_dtype_casting: PEFT feeds bf16 x to the fp32 adapters uncast, and torch refuses.
+    from peft.helpers import disable_input_dtype_casting
+
+    stock, fused = pair(MLP(torch.bfloat16))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    errors = []
+    for model in (stock, fused):
+        with disable_input_dtype_casting(model), pytest.raises(RuntimeError) as info:
+            model(x)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and not fused_calls
+    with torch.no_grad():
+        out_s, out_f = stock(x), fused(x)  # casting on again: both run, treelora fused
+    assert len(fused_calls) == 2 and out_f.dtype == out_s.dtype == torch.bfloat16

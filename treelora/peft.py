@@ -57,7 +57,12 @@ _original_create_new_module = None
 
 # The hook dictionaries torch consults when a module is called: on the module itself and process-wide.
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _import_peft():
@@ -162,7 +167,7 @@ def _layer_class() -> type:
             dropout = self.lora_dropout[name]
             if not (_plain_linear(base) and _plain_linear(lora_A) and _plain_linear(lora_B)):
                 return None
-            if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+            if lora_A.bias is not None or lora_B.bias is not None or type(dropout) not in (nn.Identity, nn.Dropout):
                 return None
             if _global_hooks_present() or not all(_called_plainly(m) for m in (base, lora_A, lora_B, dropout)):
                 return None
@@ -187,7 +192,7 @@ def _layer_class() -> type:
             if name is None:
                 return super().forward(x, *args, **kwargs)
             dropout = self.lora_dropout[name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            p = dropout.p if type(dropout) is nn.Dropout else 0.0
             base = self.base_layer
             return fused_lora_forward(
                 x,
