@@ -1,11 +1,11 @@
 # treelora developer commands. `make test` is what CI runs (.ci/run); `make demo` is the main job.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# torch first, so that nothing later pulls another build. On Linux the default package index serves the CUDA build
-# (several GB); CI machines have no GPU, so the CPU wheel comes from PyTorch's CPU wheel index. On a GPU machine run
-# `make test TORCH_INDEX=` to install from the default index (or keep the CUDA torch already installed).
+# torch first, so that nothing later pulls another build. The default is a plain `pip install torch==2.13.0` from
+# the default package index (on Linux that is the CUDA build, several GB). TORCH_INDEX, empty by default, names
+# another index for torch alone, e.g. PyTorch's CPU wheel index for the CPU-only wheel on a machine without a GPU.
 TORCH_PIN := torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 TORCH_INSTALL = $(PIP) install $(TORCH_PIN) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 .PHONY: install install-test demo test test-cpu test-interpreter test-cuda-emulated test-peft-suite bench lint
