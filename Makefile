@@ -45,7 +45,7 @@ KERNEL_CHECK ?= triton
 kernel-report:
 	$(PYTHON) -m treelora.kernels.report --check $(KERNEL_CHECK)
 
-# The installed PEFT version's tests, unpacked once into build/peft-suite (selection: tests/peft_suite/plugin.py).
+# The installed PEFT version's tests, unpacked once into build/peft-suite (selection: tests/peft_suite/treelora_peft_suite.py).
 test-peft-suite:
 	$(PYTHON) scripts/peft_suite.py -q
 

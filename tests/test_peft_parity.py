@@ -132,12 +132,6 @@ def test_registered_model_pickles_and_deep_copies_as_fused(fused_calls):
 # --- compiled hotswap ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="needs treelora.ops.lora_linear to accept a 0-dim tensor scaling (done on the ops side); remove this mark "
-    "when it does",
-)
 def test_compiled_hotswap_tensor_scaling_matches_stock(tmp_path, fused_calls):
     from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 

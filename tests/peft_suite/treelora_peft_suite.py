@@ -112,12 +112,7 @@ DESELECTED: dict[str, str] = {
 
 # Tests that fail in this checkout for a reason outside treelora.peft, run as strict expected failures: when the
 # reason goes away they pass, the strict mark turns that into a failure, and the entry must be removed.
-EXPECTED_FAILURES: dict[str, str] = {
-    r"TestHotSwapping::test_prepare_model_for_compiled_hotswap_does_not_change_output$": (
-        "treelora.ops.lora_linear does not accept the 0-dim tensor scaling prepare_model_for_compiled_hotswap leaves "
-        "(the op's change is separate from treelora.peft's, which passes the tensor on)"
-    ),
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 # What the stand-ins provide: the names PEFT's shared test modules import at module level.
 _STAND_INS = {"diffusers": ("StableDiffusionPipeline",), "datasets": ("load_dataset",)}
@@ -141,7 +136,7 @@ def _install_stand_ins() -> None:
         if package in sys.modules or importlib.util.find_spec(package) is not None:
             continue
         module = types.ModuleType(package)
-        module.__doc__ = f"stand-in for the missing {package} package (tests/peft_suite/plugin.py)"
+        module.__doc__ = f"stand-in for the missing {package} package (tests/peft_suite/treelora_peft_suite.py)"
         for name in names:
             setattr(module, name, _Missing(package, name))
         sys.modules[package] = module
