@@ -423,11 +423,13 @@ def _run_methods(
     if context.is_distributed:
         processes = f" per process; {context.world_size} processes ({context.backend}), batch split across them"
     say(stream.summary())
+    train_logits, test_logits = config.logit_sets()
     say(
         f"model {model_name}: {first_model.kind}, {first_model.info['parameters'] / 1e6:.1f}M parameters; "
         f"methods {', '.join(methods)}; epochs {config.epochs}, batch {config.batch_size}, lr {config.lr:g}, "
         + (
-            f"head {config.head}, protocol {config.protocol} (logits: train {'/'.join(config.logit_sets())} test), "
+            f"head {config.head}, protocol {config.protocol} "
+            f"(logits: {train_logits} at training, {test_logits} at test), "
             if stream.kind == "classification"
             else ""
         )
