@@ -112,6 +112,19 @@ class FailsOnRank1(SeqLoRA):
         return super().before_backward(loss)
 
 
+class RankLabels(Trainer):
+    """A trainer whose label-head class vectors differ on every rank (as features computed by different GPUs' kernels
+    could in the last bit): the trainer must broadcast rank 0's so that every rank scores with the same head."""
+
+    def _label_vectors(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(100 + dist.get_rank())
+        return torch.randn(self.stream.num_classes, self.loaded.hidden_size, generator=gen)
+
+
+def frozen_head_config() -> TrainerConfig:
+    return dataclasses.replace(config(), epochs=1, head="label", protocol="class-il")
+
+
 def summary(trainer: Trainer, result) -> dict:
     return {
         "R": result.R,
@@ -167,6 +180,10 @@ def _scenarios(rank: int, ports: list[int], out: Path) -> dict:
     except StateMismatchError as exc:
         res["mismatch"] = str(exc)
     ctx = join(ports[2])
+    trainer = RankLabels(stream, load_model("vit-tiny"), "seqlora", frozen_head_config())
+    before = trainer.heads.class_vectors.clone()
+    trainer.run()
+    res["frozen_head"] = (before, trainer.heads.class_vectors.clone(), trainer.completed)
     trainer = Trainer(stream, load_model("vit-tiny"), FailsOnRank1, config())
     start = time.monotonic()
     try:
@@ -280,6 +297,22 @@ def test_a_failing_rank_does_not_leave_the_other_waiting(ranks):
     assert name == "CollectiveError" and not initialised
     assert "the gradient all-reduce failed on rank 0 of 2: another rank probably stopped" in message
     assert seconds < 60, seconds
+
+
+def test_frozen_label_head_is_rank_0s_on_every_rank_and_never_trains(ranks):
+    """Each rank computed different class vectors; after construction every rank holds rank 0's (unit rows of its
+    draw), and after a 2-process run over every task the head is unchanged."""
+    expected = torch.nn.functional.normalize(
+        torch.randn(
+            tiny_stream().num_classes, load_model("vit-tiny").hidden_size, generator=torch.Generator().manual_seed(100)
+        ),
+        dim=-1,
+    )
+    for r in ranks:
+        before, after, completed = r["frozen_head"]
+        assert completed == TASKS - 1
+        torch.testing.assert_close(before, expected, rtol=0, atol=0)
+        assert torch.equal(after, before)
 
 
 # --- tests: one process --------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ from treelora import cli
 from treelora.cl import RunInterrupted
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# The stream these tests were written for (the default stream is wordnet-classil; its tests are in test_cl_objectives).
 TINY = [
+    "--stream",
+    "wordnet-supersense",
     "--model",
     "bert-tiny",
     "--train-per-class",
@@ -253,7 +256,7 @@ def test_ctrl_c_on_a_real_run_exits_130_with_one_line_and_the_command_resumes_it
     """SIGINT to `python -m treelora run` once a checkpoint exists: exit code 130, no traceback, one line naming the
     last checkpointed task; running the printed command finishes the run."""
     out_dir = tmp_path / "run"
-    argv = ["run", *TINY[:2], "--train-per-class", "40", "--test-per-class", "3", "--epochs", "2", "--quiet"]
+    argv = ["run", *TINY[:4], "--train-per-class", "40", "--test-per-class", "3", "--epochs", "2", "--quiet"]
     argv += ["--threads", "1", "--methods", "SeqLoRA", "--out", str(out_dir)]
     env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
     proc = subprocess.Popen(

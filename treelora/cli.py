@@ -35,14 +35,16 @@ from treelora.cl.distributed import (
     shutdown_distributed,
 )
 from treelora.cl.experiment import compare_methods
+from treelora.cl.objectives import HEADS, LOGIT_SETS, PROTOCOLS
 from treelora.cl.registry import assign_method_options, canonical_method, method_label, registered_methods
 from treelora.cl.results import format_matrix, format_table, results_payload, write_results
-from treelora.cl.trainer import RunInterrupted, TrainerConfig, check_compatible
-from treelora.data import STREAMS, DataError, get_stream
+from treelora.cl.trainer import RunInterrupted, TrainerConfig, check_compatible, fwt_unreported_reason
+from treelora.data import STREAMS, DataError, get_stream, validation_split
 from treelora.models import LoadedModel, ModelError, load_model
 
 DEFAULT_METHODS = "TreeLoRA,SeqLoRA"
 DEFAULT_OUT = "treelora-run"
+DEFAULT_STREAM = "wordnet-classil"
 # Exit codes: 1 for a failed run (the ranks' states differ, another rank failed), 2 for bad input (argparse's own
 # convention), 130 = 128 + SIGINT for Ctrl-C (the shell's convention).
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -52,7 +54,30 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # (2 threads; seeds 0-2). wordnet-instruct on smollm2-135m: a training step of batch 8 takes about 1 s on two cores
 # and a question about 0.2 s to score, hence 40 steps per task and 50 test questions per task (about 6 minutes per
 # method and seed).
+#
+# wordnet-classil on minilm is the built-in default run: the 32 supersenses class-incremental (8 tasks of 4), a frozen
+# label head (the class descriptions' features: all forgetting goes through the adapter) with the class-il protocol
+# (each task's classes at training, every class seen so far at test). Same epochs/batch/lr/length as
+# wordnet-supersense. TreeLoRA's reg_lambda is 200 here: the lambda with the highest mean ACC on the validation split
+# (20% of each task's training data, seeds 0-2) among 2, 20, 60, 200, 600 and 2000 (validation ACC 24.0 / BWT 2.5 vs
+# SeqLoRA 20.2 / 15.7); the paper preset's default is tuned for task-incremental heads, where it changes nothing here.
+# The run (both methods, zero-shot and next-task evaluation included) takes about 140 s of CPU time with one thread
+# (seed 1: 142 s user + sys; wall time grows with the machine's load: 21 minutes at a load average of 11-18).
+# A stream's "method_options" apply to a method unless --method-option sets that option or a preset for it.
 STREAM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "wordnet-classil": {
+        "model": "minilm",
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "max_length": 16,
+        "head": "label",
+        "protocol": "class-il",
+        "method_options": {"treelora": {"reg_lambda": 200.0}},
+    },
+    # SeqLoRA forgets every earlier task's answers after the next task here (BWT about 29 on seed 0); scoring 16
+    # options costs about 0.5 s per question on one core, so evaluation dominates (about 10 minutes per method).
+    "wordnet-instruct-classil": {"model": "smollm2-135m", "epochs": 1, "batch_size": 8, "lr": 3e-3, "max_length": 32},
     "wordnet-supersense": {"model": "minilm", "epochs": 3, "batch_size": 32, "lr": 2e-3, "max_length": 16},
     "wordnet-instruct": {
         "model": "smollm2-135m",
@@ -70,7 +95,8 @@ STREAM_DEFAULTS: dict[str, dict[str, Any]] = {
 RUN_DESCRIPTION = """\
 Train each method on the stream's tasks in order, evaluate every task seen so far after each task,
 print the accuracy matrices and a table, and write results.json, results.csv, accuracy_matrix.png and
-tree.png into --out. With no arguments: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA.
+tree.png into --out. With no arguments: wordnet-classil on minilm (32 WordNet supersenses in 8
+class-incremental tasks, a frozen label head, protocol class-il), TreeLoRA vs SeqLoRA.
 """
 # Printed as written (RawDescriptionHelpFormatter keeps the folder example's layout), so lines stay under 100 columns.
 RUN_EPILOG = """\
@@ -89,6 +115,20 @@ random subset. Example:
   [{"prompt": "Translate to French: cat", "answer": "chat"},
    {"prompt": "Is 'great film' positive or negative?", "answer": "positive",
     "options": ["positive", "negative"]}]
+
+Heads and protocols (classification streams): --head linear (a trainable head per task), label (a
+frozen cosine classifier over the features of the stream's class descriptions, computed before
+training; streams with class descriptions only: wordnet-classil) or fixed (frozen random
+orthonormal class vectors, for backbones without text). --protocol task = train and test on the
+task's classes; class = every class seen so far, at training and test; class-il = the task's
+classes at training, every class seen so far at test (no task id). --train-logits / --test-logits
+(task or seen) override one side. Class-incremental split-digits on the ViT:
+  treelora run --stream split-digits --head fixed --protocol class-il
+FWT is reported only where the head scores the classes before training (label head, instruction
+streams); a random linear or fixed head's zero-shot accuracy is chance (results.json says why).
+
+--validation 0.2: each task's test set is replaced by a stratified 20% of its training data (and
+those items leave training), so that hyperparameters are chosen without the test data.
 
 Ctrl-C stops a run with one line naming the last finished task and the command that resumes it
 (exit code 130).
@@ -117,13 +157,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _stream_options(args: argparse.Namespace, stream: str) -> dict[str, Any]:
     """The builder options of a built-in stream (or of a TRACE folder, ``stream == "trace"``) from the flags."""
-    if stream == "wordnet-supersense":
+    if stream in ("wordnet-supersense", "wordnet-classil"):
         return {
             "difficulty": args.difficulty,
             "train_per_class": args.train_per_class,
             "test_per_class": args.test_per_class,
             "seed": args.seed,
         }
+    if stream == "wordnet-instruct-classil":
+        out: dict[str, Any] = {"seed": args.seed}
+        if args.train_per_class is not None:
+            out["train_per_class"] = args.train_per_class
+        if args.test_per_class is not None:
+            out["test_per_class"] = args.test_per_class
+        return out
     if stream == "wordnet-instruct":
         test = args.test_per_task or STREAM_DEFAULTS[stream]["test_per_task"]
         return {"train_per_task": args.train_per_task, "test_per_task": test, "seed": args.seed}
@@ -187,7 +234,10 @@ def _trainer_config(args: argparse.Namespace, defaults: dict[str, Any], device: 
             eval_batch_size=64,
             lr=args.lr or defaults["lr"],
             rank=args.rank or 8,
-            protocol=args.protocol,
+            protocol=args.protocol or defaults.get("protocol", "task"),
+            head=args.head or defaults.get("head", "linear"),
+            train_logits=args.train_logits,
+            test_logits=args.test_logits,
             schedule=args.schedule,
             warmup_ratio=args.warmup_ratio,
             weight_decay=args.weight_decay,
@@ -199,6 +249,41 @@ def _trainer_config(args: argparse.Namespace, defaults: dict[str, Any], device: 
         )
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
+
+
+def _stream_method_defaults(
+    kind: str, methods: list[str], method_options: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Add the stream's per-method defaults (STREAM_DEFAULTS[kind]["method_options"]) to ``method_options`` in place,
+    except options the command line set and, for a method given a ``preset``, every one (the preset decides); returns
+    what was added, per method."""
+    applied: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        given = method_options.setdefault(method, {})
+        if "preset" in given:
+            continue
+        extra = {
+            k: v for k, v in STREAM_DEFAULTS[kind].get("method_options", {}).get(method, {}).items() if k not in given
+        }
+        if extra:
+            given.update(extra)
+            applied[method] = extra
+    return applied
+
+
+def _check_protocol_args(args: argparse.Namespace, stream: Any) -> None:
+    """--head / --train-logits / --test-logits against the stream (before a model loads)."""
+    if stream.kind != "classification":
+        given = [f"--{n.replace('_', '-')}" for n in ("head", "train_logits", "test_logits") if getattr(args, n)]
+        if given and not (args.head in (None, "linear") and given == ["--head"]):
+            raise UsageError(
+                f"{', '.join(given)}: applies to classification streams; {stream.name} is an instruction stream"
+            )
+    elif args.head == "label" and not stream.info.get("class_descriptions"):
+        raise UsageError(
+            f"--head label needs a stream with class descriptions (wordnet-classil); {stream.name} has none: "
+            "use --head fixed or --head linear"
+        )
 
 
 def _env_int(name: str) -> int | None:
@@ -257,6 +342,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.validation is not None and not 0.0 < args.validation < 1.0:
+        raise UsageError(f"--validation must be a fraction in (0, 1), got {args.validation}")
     methods = _parse_methods(args.methods)
     raw_options = _parse_options(args.method_option)
     method_options = _assign_options(methods, raw_options)
@@ -315,8 +402,12 @@ def _run_methods(
         raise UsageError(f"--out {out} exists and is not a directory")
     try:
         stream = get_stream(args.stream, **_stream_options(args, kind))
+        if args.validation is not None:
+            stream = validation_split(stream, args.validation, seed=args.seed)
     except DataError as e:
         raise UsageError(str(e)) from None
+    _check_protocol_args(args, stream)
+    method_defaults = _stream_method_defaults(kind, methods, method_options)
     model_name = args.model or defaults["model"]
 
     def new_model() -> LoadedModel:
@@ -334,10 +425,18 @@ def _run_methods(
     if context.is_distributed:
         processes = f" per process; {context.world_size} processes ({context.backend}), batch split across them"
     say(stream.summary())
+    train_logits, test_logits = config.logit_sets()
     say(
         f"model {model_name}: {first_model.kind}, {first_model.info['parameters'] / 1e6:.1f}M parameters; "
         f"methods {', '.join(methods)}; epochs {config.epochs}, batch {config.batch_size}, lr {config.lr:g}, "
-        f"protocol {config.protocol}, seed {config.seed}, device {device}, {torch.get_num_threads()} threads"
+        + (
+            f"head {config.head}, protocol {config.protocol} "
+            f"(logits: {train_logits} at training, {test_logits} at test), "
+            if stream.kind == "classification"
+            else ""
+        )
+        + (f"validation {args.validation:g} of the training data as test sets, " if args.validation else "")
+        + f"seed {config.seed}, device {device}, {torch.get_num_threads()} threads"
         + processes
     )
     model = {"name": model_name, "kind": first_model.kind, **first_model.info}
@@ -379,6 +478,11 @@ def _run_methods(
         wall_seconds=wall,
         distributed=context.record(state_identical_across_ranks=True),
     )
+    # What the methods were scored on and with what defaults, beside the options as given.
+    payload["validation"] = args.validation
+    payload["method_defaults"] = method_defaults
+    fwt_reason = fwt_unreported_reason(stream, config.head)
+    payload["notes"] = {"fwt": fwt_reason} if fwt_reason else {}
     written = run_on_main(
         write_results, out, payload, results, log=lambda msg: print(f"treelora run: {msg}", file=sys.stderr)
     )
@@ -432,15 +536,16 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stream",
-        default="wordnet-supersense",
-        help="wordnet-supersense (default), wordnet-instruct, split-digits, or a TRACE folder path (format below)",
+        default=DEFAULT_STREAM,
+        help="wordnet-classil (default), wordnet-instruct-classil, wordnet-supersense, wordnet-instruct, "
+        "split-digits, or a TRACE folder path (format below)",
     )
     p.add_argument(
         "--model",
         default=None,
         help="minilm, smollm2-135m, llama-tiny, bert-tiny, vit-tiny or a local "
-        "model path (default: minilm for wordnet-supersense, smollm2-135m for instruction streams, vit-tiny "
-        "for split-digits)",
+        "model path (default: minilm for the wordnet-supersense and wordnet-classil streams, smollm2-135m for "
+        "instruction streams, vit-tiny for split-digits)",
     )
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated: {labels} (default %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: per stream)")
@@ -454,9 +559,29 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--protocol",
-        choices=("task", "class"),
-        default="task",
-        help="task-incremental (a head per task) or class-incremental (all seen classes compete)",
+        choices=tuple(PROTOCOLS),
+        default=None,
+        help="logit sets at training/test: task = the task's classes at both (task-incremental), class = every "
+        "class seen so far at both, class-il = the task's classes at training and every seen class at test "
+        "(default: class-il for wordnet-classil, task otherwise)",
+    )
+    p.add_argument(
+        "--head",
+        choices=HEADS,
+        default=None,
+        help="classification head: linear (trainable, one per task), label (frozen, the class descriptions' "
+        "features) or fixed (frozen random orthonormal class vectors) (default: label for wordnet-classil, linear "
+        "otherwise)",
+    )
+    p.add_argument("--train-logits", choices=LOGIT_SETS, default=None, help="override the protocol's training logits")
+    p.add_argument("--test-logits", choices=LOGIT_SETS, default=None, help="override the protocol's test logits")
+    p.add_argument(
+        "--validation",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="replace each task's test set by a stratified FRACTION of its training data, removed from training "
+        "(for choosing hyperparameters without the test data)",
     )
     p.add_argument(
         "--batch-size",
@@ -475,9 +600,11 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps per task")
-    p.add_argument("--difficulty", choices=("common", "rare"), default="common", help="wordnet-supersense words")
-    p.add_argument("--train-per-class", type=int, default=None, help="wordnet-supersense: train words per class")
-    p.add_argument("--test-per-class", type=int, default=None, help="wordnet-supersense: test words per class")
+    p.add_argument(
+        "--difficulty", choices=("common", "rare"), default="common", help="wordnet-supersense/-classil words"
+    )
+    p.add_argument("--train-per-class", type=int, default=None, help="wordnet streams by class: train words per class")
+    p.add_argument("--test-per-class", type=int, default=None, help="wordnet streams by class: test words per class")
     p.add_argument("--train-per-task", type=int, default=None, help="instruction streams: train items per task")
     p.add_argument("--test-per-task", type=int, default=None, help="instruction streams: test items per task")
     p.add_argument(

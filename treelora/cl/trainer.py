@@ -57,6 +57,7 @@ from treelora.cl.distributed import (
     DistributedContext,
     abort_distributed,
     all_reduce_gradients,
+    broadcast_parameters,
     broadcast_rng_state,
     check_identical_across_ranks,
     current_context,
@@ -68,7 +69,7 @@ from treelora.cl.distributed import (
 from treelora.cl.evaluation import Evaluator
 from treelora.cl.memory import PeakMemory
 from treelora.cl.method import ContinualMethod, OptimizerConfig
-from treelora.cl.objectives import PROTOCOLS, TaskHeads, causal_lm_loss
+from treelora.cl.objectives import HEADS, LOGIT_SETS, PROTOCOLS, TaskHeads, causal_lm_loss
 from treelora.cl.progress import Progress
 from treelora.cl.registry import method_class
 from treelora.cl.results import RunResult
@@ -98,7 +99,12 @@ class TrainerConfig:
         max_steps_per_task: stop a task after this many optimizer steps (None: full epochs).
         rank, lora_alpha, lora_dropout: LoRA settings; target_modules: layers to wrap (None: the model's default);
             lora_depth: wrap only the first K matching layers.
-        protocol: ``task`` or ``class`` (classification streams; see :mod:`treelora.cl.objectives`).
+        protocol: ``task``, ``class`` or ``class-il``: the training and test logit sets of classification streams
+            (task/task, seen/seen, task/seen; see :mod:`treelora.cl.objectives`).
+        head: ``linear`` (a trainable head per task), ``label`` (a frozen cosine classifier over the features of the
+            stream's class descriptions) or ``fixed`` (frozen random orthonormal class vectors).
+        train_logits, test_logits: ``task`` or ``seen``, overriding the protocol's logit set at training / test
+            (None: the protocol's).
         max_length: maximum tokens per text input (prompt + answer for instruct streams; the prompt is cut on the left).
         eval_zero_shot: evaluate every task before training (the baseline of forward transfer).
         eval_next_task: also evaluate task i + 1 after task i (R[i, i + 1], needed for forward transfer).
@@ -129,6 +135,9 @@ class TrainerConfig:
     target_modules: list[str] | None = None
     lora_depth: int | None = None
     protocol: str = "task"
+    head: str = "linear"
+    train_logits: str | None = None
+    test_logits: str | None = None
     max_length: int = 64
     eval_zero_shot: bool = True
     eval_next_task: bool = True
@@ -148,7 +157,11 @@ class TrainerConfig:
         for e in epochs:
             check_int("epochs", e, low=1)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("protocol", self.protocol, PROTOCOLS)
+        check_choice("protocol", self.protocol, tuple(PROTOCOLS))
+        check_choice("head", self.head, HEADS)
+        for name in ("train_logits", "test_logits"):
+            if getattr(self, name) is not None:
+                check_choice(name, getattr(self, name), LOGIT_SETS)
         check_number("warmup_ratio", self.warmup_ratio, low=0.0)
         if self.warmup_ratio >= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -168,12 +181,19 @@ class TrainerConfig:
         epochs = list(self.epochs)
         return int(epochs[task] if task < len(epochs) else epochs[-1])
 
+    def logit_sets(self) -> tuple[str, str]:
+        """(training, test) logit sets: ``train_logits`` / ``test_logits``, else the protocol's."""
+        train, test = PROTOCOLS[self.protocol]
+        return self.train_logits or train, self.test_logits or test
+
     def optimizer(self) -> OptimizerConfig:
         return OptimizerConfig(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings, with the logit sets resolved (what the run used, not None)."""
         out = dataclasses.asdict(self)
         out["epochs"] = self.epochs if isinstance(self.epochs, int) else list(self.epochs)
+        out["train_logits"], out["test_logits"] = self.logit_sets()
         return out
 
 
@@ -187,6 +207,23 @@ def lr_factor(step: int, total: int, schedule: str, warmup_ratio: float) -> floa
         return 1.0
     progress = (step - warmup) / max(total - warmup, 1)
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fwt_unreported_reason(stream: Stream, head: str) -> str | None:
+    """Why forward transfer is not reported for ``stream`` under ``head`` (None when it is).
+
+    FWT compares the accuracy on task j after training task j - 1 with the accuracy of the untrained model on task j.
+    An instruct stream's LM head and the ``label`` head score the answers before any training, so the zero-shot
+    accuracy is a real baseline. A ``linear`` head of a task is random until that task trains (and a ``fixed`` head's
+    class vectors are random directions unrelated to the classes), so both accuracies are those of a random head:
+    their difference measures noise, not transfer."""
+    if stream.kind != "classification" or head == "label":
+        return None
+    return (
+        f"not reported with the {head} head: its class vectors are random before a task trains, so the zero-shot "
+        "accuracy that FWT subtracts is chance and the difference measures noise; use the label head (or an "
+        "instruction stream) for forward transfer"
+    )
 
 
 def check_compatible(stream: Stream, model: LoadedModel) -> None:
@@ -288,6 +325,7 @@ class Trainer:
         self.dist = distributed if distributed is not None else current_context(self.device)
         self.callbacks = list(callbacks)
         self.model = model.model.to(self.device)
+        self.batches = BatchBuilder(stream, model.tokenizer, cfg.max_length, self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.layers = inject_lora(
@@ -298,7 +336,7 @@ class Trainer:
                 lora_dropout=cfg.lora_dropout,
                 lora_depth=cfg.lora_depth,
             )
-            self.heads = TaskHeads(stream, model.hidden_size, cfg.protocol).to(self.device)
+            self.heads = self._build_heads()
         self.method = factory(self.layers, cfg.optimizer(), **self.method_options)
         if not isinstance(self.method, ContinualMethod):
             raise TypeError(f"method built a {type(self.method).__name__}, not a treelora.cl.ContinualMethod")
@@ -306,7 +344,6 @@ class Trainer:
         self.method.add_parameters(list(self.heads.parameters()))
         self.joint = bool(self.method.joint)
         self.sampler = sampler or SeededShuffle(cfg.seed)
-        self.batches = BatchBuilder(stream, model.tokenizer, cfg.max_length, self.device)
         self.evaluator = Evaluator(
             stream, model, self.heads, self.batches, cfg.eval_batch_size, self.dist.rank, self.dist.world_size
         )
@@ -324,6 +361,69 @@ class Trainer:
         self.checkpointed = -1
         self.state_checks = 0
         self._memory: PeakMemory | None = None
+
+    # --- heads -----------------------------------------------------------------------------------------------------
+
+    def _build_heads(self) -> TaskHeads:
+        """The classification heads of the config's head kind and logit sets (nothing for an instruct stream).
+
+        A ``label`` head's class vectors are the pooled features of the stream's class descriptions, computed here,
+        before any training: LoRA's B is zero, so they are the pretrained backbone's features, the same on every
+        run of the same model (and saved with the heads in each checkpoint). Under several processes rank 0's frozen
+        class vectors are broadcast, so that every rank scores with the same head even if its features differ in the
+        last bit (another GPU's kernels).
+
+        Raises:
+            ValueError: a frozen head on an instruct stream, or a ``label`` head on a stream without class
+                descriptions or with image inputs (the message names ``head``).
+        """
+        cfg, stream = self.config, self.stream
+        train_logits, test_logits = cfg.logit_sets()
+        vectors = None
+        if cfg.head != "linear":
+            if stream.kind != "classification":
+                raise ValueError(
+                    f"head={cfg.head!r} applies to classification streams; {stream.name!r} is an instruction stream "
+                    "(its LM head scores the answers): use head='linear'"
+                )
+            if cfg.head == "label":
+                vectors = self._label_vectors()
+        heads = TaskHeads(
+            stream,
+            self.loaded.hidden_size,
+            cfg.protocol,
+            head=cfg.head,
+            train_logits=train_logits,
+            test_logits=test_logits,
+            class_vectors=vectors,
+        ).to(self.device)
+        if heads.frozen and self.dist.is_distributed:
+            broadcast_parameters([heads.class_vectors])
+        return heads
+
+    @torch.no_grad()
+    def _label_vectors(self) -> torch.Tensor:
+        """(C, H) pooled features of ``stream.info["class_descriptions"]`` (the model in eval mode, 64 at a time)."""
+        stream = self.stream
+        descriptions = stream.info.get("class_descriptions")
+        if stream.input_kind != "text" or not descriptions:
+            raise ValueError(
+                f"head='label' needs a text stream with class descriptions (stream.info['class_descriptions']); "
+                f"{stream.name!r} has none: use head='fixed' or head='linear'"
+            )
+        if len(descriptions) != stream.num_classes:
+            raise ValueError(
+                f"head='label': {stream.name!r} has {len(descriptions)} class descriptions for "
+                f"{stream.num_classes} classes"
+            )
+        training = self.model.training
+        self.model.eval()
+        texts = list(descriptions)
+        vectors = torch.cat(
+            [self.loaded.features(self.batches.text(texts[i : i + 64])) for i in range(0, len(texts), 64)]
+        )
+        self.model.train(training)
+        return vectors
 
     # --- evaluation ------------------------------------------------------------------------------------------------
 
@@ -675,6 +775,8 @@ class Trainer:
         elif self.completed == n - 1:
             summary = dict(metrics.summarize(R, self.zero_shot))
             summary.setdefault("fwt", None)
+            if fwt_unreported_reason(self.stream, self.config.head) is not None:
+                summary["fwt"] = None
         else:
             summary = {}
         return RunResult(
