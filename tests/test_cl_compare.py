@@ -274,7 +274,7 @@ def test_each_run_is_its_own_treelora_run_process(monkeypatch):
     seen = {}
 
     class FakePopen:
-        def __init__(self, command):
+        def __init__(self, command, env):
             seen["command"] = command
 
         def wait(self):

@@ -284,12 +284,45 @@ def _join_processes(device: str) -> DistributedContext:
         raise UsageError(str(e)) from None
 
 
+# OpenMP's wait policy is read once, when torch loads the OpenMP runtime, so it cannot be changed from here; `run`
+# and `compare` restart the interpreter with it set (see prefer_passive_openmp). Measured on a 2-core CPU shared with
+# other jobs (load average 11-13), 10 LoRA training steps of the default run's shape (bench/threads_workload.py): 119 s
+# with 2 threads and GNU OpenMP's default spin-waiting, 11-21 s with 1 thread, 5.9 s with 2 threads and PASSIVE: a
+# spinning thread holds its core while the thread it waits for is descheduled, so every parallel region waits a
+# scheduler time slice (README "Threads on a shared machine").
+OPENMP_WAIT_ENV = "OMP_WAIT_POLICY"
+REEXEC_COMMANDS = ("run", "compare")
+
+
+def prefer_passive_openmp(argv: Sequence[str] | None = None) -> None:
+    """Restart this process with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (a user's choice wins).
+
+    Threads waiting at the end of a parallel region then sleep instead of spinning, which keeps a training run
+    proportional on a machine where other processes hold cores. Called by :func:`main` for the commands in
+    :data:`REEXEC_COMMANDS` when it runs as the program (``argv`` None); does nothing on Windows or before Python 3.10
+    (no ``sys.orig_argv`` to restart with).
+
+    Args:
+        argv: the command's arguments (default ``sys.argv[1:]``); only their first word (the command) is looked at.
+    """
+    command = list(sys.argv[1:] if argv is None else argv)[:1]
+    original = getattr(sys, "orig_argv", None)
+    if OPENMP_WAIT_ENV in os.environ or command[:1] == [] or command[0] not in REEXEC_COMMANDS:
+        return
+    if os.name != "posix" or not original:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *original[1:]], {**os.environ, OPENMP_WAIT_ENV: "PASSIVE"})
+
+
 def _threads(args: argparse.Namespace, context: DistributedContext) -> None:
-    """torch's default (one thread per core) unless --threads says otherwise; under torchrun the cores are divided
-    among the node's processes (torchrun itself sets OMP_NUM_THREADS=1)."""
-    # On an idle 2-core machine the default run took 73 s with 2 threads and 105 s with 1; on a machine shared with
-    # other jobs, --threads 1 avoids OpenMP threads spinning while others hold the cores (seen: 3.5 step/s with 1
-    # thread vs 0.5 with 2).
+    """--threads, else torch's default (one thread per core, or OMP_NUM_THREADS when set); under torchrun the cores
+    are divided among the node's processes (torchrun itself sets OMP_NUM_THREADS=1)."""
+    # With OpenMP's passive wait policy (prefer_passive_openmp), one thread per core stays the fastest choice on a
+    # quiet machine (default run: 73 s with 2 threads, 105 s with 1 on a quiet 2-core CPU) and degrades in
+    # proportion when another process takes a core; without it (a user's OMP_WAIT_POLICY=ACTIVE, or `run` called
+    # from Python), --threads 1 is the safe choice on a shared machine.
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif context.is_distributed:
@@ -417,7 +450,8 @@ the second reruns that value on the test split.
 
 def _launch_run(argv: Sequence[str]) -> int:
     """``treelora run`` in its own process (its memory and threads are its own); returns its exit code."""
-    proc = subprocess.Popen([sys.executable, "-m", "treelora", "run", *argv])
+    env = {OPENMP_WAIT_ENV: "PASSIVE", **os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "treelora", "run", *argv], env=env)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -603,6 +637,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "treelora") -> int:
         prog: how the program was invoked, for help texts and the resume command (``python -m treelora`` when run as
             a module).
     """
+    if argv is None:
+        prefer_passive_openmp()
     parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
