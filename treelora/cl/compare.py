@@ -404,7 +404,9 @@ def plot_tradeoff(groups: Sequence[Group], path: str | Path, option: str | None,
             g = chosen[method]
             x, y = mean_sd(g.bwt)[0], mean_sd(g.acc)[0]
             ax.plot([x], [y], marker="o", markersize=14, markerfacecolor="none", color=bars[0].get_color())
-    ax.plot([], [], marker="o", markersize=10, markerfacecolor="none", color="0.3", linestyle="none", label="selected")
+    if chosen:
+        ring = {"marker": "o", "markersize": 10, "markerfacecolor": "none", "color": "0.3", "linestyle": "none"}
+        ax.plot([], [], label="selected", **ring)
     ax.axvline(0.0, color="0.8", linewidth=0.8, zorder=0)
     ax.set_xlabel("BWT (%, forgetting: lower is better)")
     ax.set_ylabel("ACC (%, after the last task)")
@@ -425,7 +427,11 @@ def plot_task_curves(groups: Sequence[Group], path: str | Path, option: str | No
     plt = _pyplot()
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    # The legend under the panels: four tasks per row (names run to about 30 characters), 0.22 inch per row.
+    tasks = max((m.shape[0] for g in groups for m in g.matrices), default=0)
+    legend_inches = 0.22 * math.ceil(tasks / 4) + 0.15
+    height = 3.4 * rows + legend_inches
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
     for ax, g in zip(axes.flat, groups):
         stacked = np.stack(g.matrices)
@@ -442,7 +448,7 @@ def plot_task_curves(groups: Sequence[Group], path: str | Path, option: str | No
                 marker="o",
                 markersize=3,
                 color=cmap(j / max(1, n - 1)),
-                label=f"t{j + 1} {name}",
+                label=f"t{j + 1} {name if len(name) <= 32 else name[:31] + '…'}",
             )
         ax.set_title(f"{g.label(option)} ({len(g.seeds)} seeds)", fontsize=9)
         ax.set_xlabel("after training task", fontsize=8)
@@ -454,9 +460,9 @@ def plot_task_curves(groups: Sequence[Group], path: str | Path, option: str | No
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(8, max(1, len(labels))), fontsize=7)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7)
     fig.suptitle("Accuracy on each task after each training stage (mean over seeds)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1 - 0.3 / height))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
