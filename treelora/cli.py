@@ -307,7 +307,7 @@ def prefer_passive_openmp(argv: Sequence[str] | None = None) -> None:
     """
     command = list(sys.argv[1:] if argv is None else argv)[:1]
     original = getattr(sys, "orig_argv", None)
-    if OPENMP_WAIT_ENV in os.environ or command[:1] == [] or command[0] not in REEXEC_COMMANDS:
+    if OPENMP_WAIT_ENV in os.environ or not command or command[0] not in REEXEC_COMMANDS:
         return
     if os.name != "posix" or not original:
         return
