@@ -18,7 +18,8 @@ The targets are ratios, measured side by side (providers alternated round by rou
 * GPU, (8192, 4096, 4096, 16, bf16): treelora-triton and treelora-cuda forward at most 1.10x and forward+backward at
   most 1.15x the base linear's time, and PEFT's forward+backward at least 1.35x theirs.
 
-Run: ``python -m pytest bench/bench_lora.py --benchmark-only -q`` (about a minute on a 2-core CPU).
+Run: ``python -m pytest bench/bench_lora.py --benchmark-only -q`` (about a minute on a 2-core CPU). With
+``--bench-smoke`` only ``SMOKE_SHAPES`` run, a few rounds each (the harness check CI runs; no numbers to keep).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import alternating_medians, peak_memory_bytes, record, synchronized
+from conftest import alternating_medians, peak_memory_bytes, record, smoke_run, synchronized
 
 import treelora
 from treelora import backends
@@ -43,10 +44,12 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 CPU_THREADS = 2  # the CPU targets are stated for 2 threads (the CI machines' core count)
-ROUNDS = 20 if HAS_CUDA else 8
-CPU_COMPARE_ROUNDS = 31  # more than on GPU: CPU timings on a shared 2-core machine vary from round to round
+SMOKE = smoke_run()
+ROUNDS = 2 if SMOKE else 20 if HAS_CUDA else 8
+CPU_COMPARE_ROUNDS = 3 if SMOKE else 31  # 31: CPU timings on a shared 2-core machine vary from round to round
 
-CPU_SHAPES = [(4096, 384, 384, 8), (2048, 1024, 1024, 16)]
+SMOKE_SHAPES = [(64, 32, 32, 4)]  # --bench-smoke: every provider and mode in well under a second, on any device
+CPU_SHAPES = SMOKE_SHAPES if SMOKE else [(4096, 384, 384, 8), (2048, 1024, 1024, 16)]
 GPU_SHAPES = [
     (M, K, N, r)
     for M in (4096, 8192, 16384)
@@ -58,10 +61,13 @@ CPU_TARGETS = {(4096, 384, 384, 8): 0.90, (2048, 1024, 1024, 16): 0.95}  # treel
 GPU_TARGETS = {"forward_over_base": 1.10, "full_over_base": 1.15, "peft_over_treelora_full": 1.35}
 
 _skip_gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU grid: needs a CUDA GPU")
-_skip_cpu = pytest.mark.skipif(HAS_CUDA, reason="CPU shapes: run on a machine without a GPU")
-SHAPES = [pytest.param(s, marks=_skip_cpu, id="cpu-M{}-K{}-N{}-r{}".format(*s)) for s in CPU_SHAPES] + [
-    pytest.param(s, marks=_skip_gpu, id="gpu-M{}-K{}-N{}-r{}".format(*s)) for s in GPU_SHAPES
-]
+_skip_cpu = pytest.mark.skipif(HAS_CUDA and not SMOKE, reason="CPU shapes: run on a machine without a GPU")
+if SMOKE:
+    SHAPES = [pytest.param(s, id="smoke-M{}-K{}-N{}-r{}".format(*s)) for s in SMOKE_SHAPES]
+else:
+    SHAPES = [pytest.param(s, marks=_skip_cpu, id="cpu-M{}-K{}-N{}-r{}".format(*s)) for s in CPU_SHAPES] + [
+        pytest.param(s, marks=_skip_gpu, id="gpu-M{}-K{}-N{}-r{}".format(*s)) for s in GPU_SHAPES
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -206,14 +212,14 @@ def test_side_by_side_cpu(benchmark, shape):
     p = make_problem(*shape)
     medians = _side_by_side(["treelora-torch", "peft", "torch-base"], p, "full", rounds=CPU_COMPARE_ROUNDS)
     ratio = medians["treelora-torch"] / medians["peft"]
-    target = CPU_TARGETS[shape]
+    target = CPU_TARGETS.get(shape)  # None for the smoke shape
     record(benchmark, op=OP, provider="treelora-torch", mode="full", dtype=DTYPE, **p.shape)
     benchmark.extra_info.update(
         median_s={k: round(v, 6) for k, v in medians.items()},
         treelora_over_peft=round(ratio, 4),
         treelora_over_base=round(medians["treelora-torch"] / medians["torch-base"], 4),
         target_treelora_over_peft=target,
-        meets_target=ratio <= target,
+        meets_target=None if target is None else ratio <= target,
     )
     print(
         f"\nM={p.M} K={p.K} N={p.N} r={p.r}: treelora/peft = {ratio:.3f} (target <= {target}), "
@@ -223,7 +229,7 @@ def test_side_by_side_cpu(benchmark, shape):
     benchmark.pedantic(make_full(forward, grads, p.dy), rounds=3, warmup_rounds=0)
 
 
-@_skip_gpu
+@pytest.mark.skipif(not HAS_CUDA or SMOKE, reason="GPU comparison at (8192, 4096, 4096, 16): needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_side_by_side_gpu(benchmark, backend):
     """treelora on one backend vs the base linear (forward, forward+backward) and vs PEFT (forward+backward)."""

@@ -1,7 +1,14 @@
 """Benchmark harness shared by every file in bench/ (pytest-benchmark).
 
-* Results go to ``bench/results/<device>/<name>.json`` (device ``cpu`` or the GPU's short name, e.g. ``h100``; name
-  from the benchmark files run) unless ``--benchmark-json`` is given.
+* Every measuring run writes its JSON report to ``bench/results/<device>/local/<name>.json`` (git-ignored; device
+  ``cpu`` or the GPU's short name, e.g. ``h100``; name = the stem of the one benchmark file run, else ``all``) unless
+  ``--benchmark-json`` is given; the file is opened only when the report is written, after the run. The committed
+  reference files ``bench/results/<device>/<name>.json`` are written only on request: ``--bench-reference`` or
+  ``TREELORA_BENCH_REFERENCE=1``. ``--bench-results DIR`` moves the whole tree elsewhere. pytest-benchmark's own
+  storage (``--benchmark-save`` / ``--benchmark-autosave`` into ``.benchmarks/``, ``--benchmark-compare``) works
+  alongside.
+* ``--bench-smoke``: tiny shapes and a few rounds (modules that define ``SMOKE_SHAPES``; the others skip), report
+  under ``local/smoke/``: the seconds-long end-to-end check CI runs (``tests/test_bench_harness.py``).
 * Every benchmark records, in ``extra_info``: ``op``, ``provider`` (treelora-triton, treelora-cuda, treelora-torch,
   peft, torch-base, eager-reference), ``mode`` (forward, backward, full, step, ...), ``dtype``, its shape fields,
   ``device`` and the torch / triton versions (:func:`record`).
@@ -12,11 +19,12 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import pytest
 import torch
@@ -125,14 +133,115 @@ def copy_gbps() -> float:
     return 2 * n * 4 / seconds / 1e9
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    if config.getoption("benchmark_json", None) is not None or config.getoption("benchmark_disable", False):
-        return
-    if config.getoption("collectonly", False) or config.getoption("benchmark_skip", False):
-        return  # nothing will be measured: leave earlier results untouched
+REFERENCE_ENV = "TREELORA_BENCH_REFERENCE"
+_smoke = False
+
+
+def smoke_run() -> bool:
+    """Whether this run is ``--bench-smoke``: the modules that define ``SMOKE_SHAPES`` run only those (tiny shapes,
+    a few rounds); the others skip. For checking the harness end to end in seconds, never for numbers."""
+    return _smoke
+
+
+class JsonReport(os.PathLike):
+    """The ``--benchmark-json`` target in the form every pytest-benchmark version accepts, opened only when the report
+    is written (after the run), so a run that crashes or measures nothing leaves an existing file as it was.
+
+    pytest-benchmark 4.x to 5.2 expect an open binary file (``argparse.FileType("wb")``) and write the report inside
+    ``with target as fh``; 5.3 takes a path and ``open()``s it itself (``os.PathLike``). Both are tested in
+    ``tests/test_bench_harness.py``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+
+    def __fspath__(self) -> str:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # 5.3 opens the path itself, right after asking for it
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __enter__(self) -> BinaryIO:
+        self._file = open(self.__fspath__(), "wb")  # noqa: SIM115 (closed by __exit__)
+        return self._file
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("treelora", "treelora benchmark harness")
+    group.addoption(
+        "--bench-reference",
+        action="store_true",
+        default=False,
+        help="write the JSON report to the committed reference file <results>/<device>/<name>.json instead of the "
+        f"git-ignored <results>/<device>/local/<name>.json (same as {REFERENCE_ENV}=1)",
+    )
+    group.addoption(
+        "--bench-results",
+        metavar="DIR",
+        default=None,
+        help=f"the results folder the JSON report goes under (default {RESULTS})",
+    )
+    group.addoption(
+        "--bench-smoke",
+        action="store_true",
+        default=False,
+        help="tiny shapes and a few rounds, to check the harness end to end in seconds (report under "
+        "<results>/<device>/local/smoke/; modules without a smoke parametrisation skip)",
+    )
+
+
+def _reference_requested(config) -> bool:
+    value = os.environ.get(REFERENCE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise pytest.UsageError(f"{REFERENCE_ENV} must be unset, '0' or '1', got {value!r}")
+    return value == "1" or config.getoption("bench_reference", False)
+
+
+def report_path(config, reference: bool, smoke: bool = False) -> Path:
+    """Where a run's JSON report goes: ``<results>/<device>/<name>.json`` for a reference run, else
+    ``<results>/<device>/local/[smoke/]<name>.json`` (see the module docstring)."""
     stems = sorted({Path(a.split("::")[0]).stem for a in config.args if a.split("::")[0].endswith(".py")})
     name = stems[0] if len(stems) == 1 else "all"
-    out = RESULTS / device_name()
-    out.mkdir(parents=True, exist_ok=True)
-    config.option.benchmark_json = open(out / f"{name}.json", "wb")  # noqa: SIM115 (pytest-benchmark closes it)
+    folder = Path(config.getoption("bench_results", None) or RESULTS) / device_name()
+    if not reference:
+        folder = folder / "local"
+        if smoke:
+            folder = folder / "smoke"
+    return folder / f"{name}.json"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # tryfirst: pytest-benchmark reads benchmark_json when its own pytest_configure creates the benchmark session.
+    global _smoke
+    _smoke = config.getoption("bench_smoke", False)
+    reference = _reference_requested(config)
+    if reference and _smoke:
+        raise pytest.UsageError("--bench-smoke measures nothing worth keeping: it cannot write the reference results")
+    if config.getoption("benchmark_json", None) is not None:
+        if reference:
+            raise pytest.UsageError(
+                f"--benchmark-json and --bench-reference / {REFERENCE_ENV}=1 both name the JSON report: give one"
+            )
+        return
+    if config.getoption("benchmark_disable", False) or config.getoption("collectonly", False):
+        return
+    if config.getoption("benchmark_skip", False):
+        return  # nothing will be measured
+    config.option.benchmark_json = JsonReport(report_path(config, reference, _smoke))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _smoke:
+        return
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and not hasattr(module, "SMOKE_SHAPES"):
+            item.add_marker(pytest.mark.skip(reason="--bench-smoke: this module has no smoke parametrisation"))

@@ -2,11 +2,13 @@
 
 Usage::
 
-    python scripts/bench_tables.py [--device cpu] [--results bench/results]
+    python scripts/bench_tables.py [--device cpu] [--results bench/results] [--local | --smoke]
 
-Reads the pytest-benchmark JSON files that `python -m pytest bench/<file>.py --benchmark-only` writes (one per
-module, or all.json for a whole-folder run; the newest file wins for each benchmark) and prints one table per
-benchmark module with the ratios each target is stated on. Every number printed is read from those files.
+Reads the pytest-benchmark JSON files of one folder (one per module, or all.json for a whole-folder run; the newest
+file wins for each benchmark) and prints one table per benchmark module with the ratios each target is stated on.
+Every number printed is read from those files. The folder is ``<results>/<device>/``, the committed reference runs
+(written by ``python -m pytest bench/<file>.py --benchmark-only --bench-reference``); with ``--local`` it is
+``<results>/<device>/local/``, where every other run lands; with ``--smoke``, ``local/smoke/`` (``--bench-smoke``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ def load(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
     a one-line description of the machine and versions."""
     benchmarks: dict[str, dict] = {}
     machines: dict[str, str] = {}
-    files = sorted(folder.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("datetime", ""))
-    for path in files:
-        data = json.loads(path.read_text())
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"bench_tables: {path} is not a pytest-benchmark JSON report ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            raise SystemExit(f"bench_tables: {path} is not a pytest-benchmark JSON report (no 'benchmarks' list)")
+        runs.append((data.get("datetime", ""), path, data))
+    for _, path, data in sorted(runs, key=lambda run: run[0]):
         info = data.get("machine_info", {})
         extra = next((b["extra_info"] for b in data["benchmarks"]), {})
         machines[path.stem] = (
@@ -64,7 +73,7 @@ def lora_rows(benchmarks: dict[str, dict]) -> list[list[str]]:
                 ms(med["torch-base"]),
                 f"**{e['treelora_over_peft']:.3f}**",
                 f"{e['treelora_over_base']:.3f}",
-                f"<= {e['target_treelora_over_peft']}",
+                "-" if e["target_treelora_over_peft"] is None else f"<= {e['target_treelora_over_peft']}",
             ]
         )
     return rows
@@ -171,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="results folder name under --results (default cpu)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--local", action="store_true", help="the runs under <device>/local/ instead of the references")
+    which.add_argument("--smoke", action="store_true", help="the --bench-smoke runs under <device>/local/smoke/")
     args = parser.parse_args(argv)
     folder = Path(args.results) / args.device
-    if not folder.is_dir():
+    if args.local or args.smoke:
+        folder = folder / "local"
+    if args.smoke:
+        folder = folder / "smoke"
+    if not any(folder.glob("*.json")):
         print(f"no results in {folder}: run `python -m pytest bench --benchmark-only` first", file=sys.stderr)
         return 2
     benchmarks, machines = load(folder)

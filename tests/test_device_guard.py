@@ -116,6 +116,22 @@ def test_triton_lora_launches_run_inside_the_guard(recorder, monkeypatch):
 
 
 @pytest.mark.requires_triton
+def test_triton_tma_gemm_launch_runs_inside_the_guard(recorder, monkeypatch):
+    """The persistent TMA GEMM (sm_90) is chosen only on a GPU; its launcher is called directly here."""
+    from treelora.kernels.triton import lora
+
+    _fake_kernels(lora, recorder, monkeypatch)
+    tiles = lora.GemmTiles(block_m=64, block_n=64, block_k=32, block_r=16, group_m=8, num_warps=4, num_stages=3)
+    out, a, b = (
+        torch.empty(64, 64, dtype=torch.bfloat16),
+        torch.randn(64, 32).bfloat16(),
+        torch.randn(64, 32).bfloat16(),
+    )
+    lora.lora_gemm_tma(out, a, b, True, torch.randn(64, 8), torch.randn(8, 64), None, tiles, programs=4)
+    recorder.check({"_lora_gemm_tma_kernel"})
+
+
+@pytest.mark.requires_triton
 def test_triton_similarity_launches_run_inside_the_guard(recorder, monkeypatch):
     from treelora.kernels.triton import similarity
 

@@ -144,8 +144,8 @@ def test_get_peft_model_with_registered_layer_matches_stock_peft(case):
     config = treelora_peft.register(LoraConfig(r=4, lora_alpha=8, target_modules=list(case.targets)))
     fused = get_peft_model(copy.deepcopy(base), config)
     fused.load_state_dict(stock.state_dict())
-    kinds = {type(m).__name__ for m in fused.modules() if hasattr(m, "lora_A")}
-    assert kinds == {"PeftLoRALinear"}
+    kinds = {type(m) for m in fused.modules() if hasattr(m, "lora_A")}
+    assert kinds == {treelora_peft.PeftLoRALinear}
     x = case.make_input()
     grads = []
     for model in (stock, fused):

@@ -20,10 +20,10 @@ Designs (:data:`DESIGNS`; the budget of each backend is its speed target, :data:
 * ``triton-fused-serial``: the same with dA after the dx GEMM on the main stream (``side_stream=False``).
 * ``triton-cublas-side``: cuBLAS base GEMMs with the shrink and du/dB beside them on the side stream; the in-place
   expands of y and dx stay on the critical path (``forward_base = grad_base = "cublas"``).
-* ``cuda-beta1``: the CUDA C++ backend's plan as built today (treelora/kernels/cuda/lora.py): the expand kernel
-  writes b + u Bᵀ, cuBLAS adds x Wᵀ onto it with beta = 1 (reading it back in its epilogue), the same for dx; the
-  shrink, du/dB and dA kernels reduce per-block partial slabs in a second launch each. Whoever changes that plan
-  updates this entry, and the kernel report's ``--check cuda`` follows.
+* ``cuda-beta1``: the CUDA C++ backend's plan, read from its own byte model
+  (:func:`treelora.kernels.cuda.lora.traffic_model`): the expand kernel writes b + u Bᵀ and cuBLAS adds x Wᵀ onto it
+  with beta = 1 (reading it back in its epilogue); du/dB in one pass over dy; one pass over x writes the dx term
+  (read back by the dx GEMM with beta = 1) and reduces dA.
 
 ``python -m treelora.kernels.report`` prints the table at the benchmark shapes; its ``--check`` fails when the chosen
 design's critical-path extra bytes exceed the budget its target leaves on the reference device.
@@ -34,6 +34,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
+
+from treelora.kernels.cuda.lora import traffic_model
 
 
 @dataclass(frozen=True)
@@ -206,26 +210,30 @@ def _triton_cublas_side(s: Shape) -> list[Launch]:
 
 
 def _cuda_beta1(s: Shape) -> list[Launch]:
-    b = _sizes(s)
+    # The launches and bytes come from the CUDA backend's own plan (treelora.kernels.cuda.lora.traffic_model), so a
+    # change of that plan shows up here; the GEMMs are cuBLAS with beta = 1 reading the LoRA term back.
+    dtypes = {2: torch.bfloat16, 4: torch.float32}
+    plan = traffic_model(s.M, s.K, s.N, s.r, dtype=dtypes[s.elem], adapter_dtype=dtypes[s.adapter_elem])
+    flops = {
+        "lora_shrink": 2.0 * s.M * s.K * s.r,
+        "lora_expand": 2.0 * s.M * s.N * s.r,
+        "lora_bwd_dy": 4.0 * s.M * s.N * s.r,
+        "lora_bwd_x": 4.0 * s.M * s.K * s.r,
+    }
     base = base_linear(s)
-    # The per-block partial slabs are a few MB at most; counted as their final outputs only.
-    return [
-        Launch("shrink panels", b["x"] + b["A"], 2.0 * s.M * s.K * s.r),
-        Launch("shrink slab sum", 2 * b["u"]),
-        Launch("expand y = b + u Bᵀ (write y)", b["y"] + b["u"] + b["B"] + b["bias"], 2.0 * s.M * s.N * s.r),
-        Launch(
-            "addmm y += x Wᵀ, beta = 1 (reads y back)", base[0].bytes + b["y"], base[0].flops, gemm_out=(s.M, s.N)
-        ),  # fmt: skip
-        Launch("du/dB panels", b["y"] + b["B"] + b["u"], 4.0 * s.M * s.N * s.r),
-        Launch("du slab sum", 2 * b["u"]),
-        Launch("dB slab sum", s.N * s.r * (4 + s.adapter_elem)),
-        Launch("expand dx = drop(du A) (write dx)", b["x"] + b["u"] + b["A"], 2.0 * s.M * s.K * s.r),
-        Launch(
-            "addmm dx += dy W, beta = 1 (reads dx back)", base[1].bytes + b["x"], base[1].flops, gemm_out=(s.M, s.K)
-        ),  # fmt: skip
-        Launch("dA panels", b["x"] + b["u"], 2.0 * s.M * s.K * s.r),
-        Launch("dA slab sum", s.r * s.K * (4 + s.adapter_elem)),
-    ]
+    (M, N, K) = (s.M, s.N, s.K)
+    launches = []
+    for k in plan["kernels"]:
+        launches.append(Launch(k.name, k.read + k.write, flops.get(k.name, 0.0)))
+        if k.name == "lora_expand":
+            launches.append(
+                Launch("addmm y += x Wᵀ, beta = 1", base[0].bytes + k.epilogue_read, base[0].flops, gemm_out=(M, N))
+            )
+        elif k.name == "lora_bwd_x":
+            launches.append(
+                Launch("addmm dx += dy W, beta = 1", base[1].bytes + k.epilogue_read, base[1].flops, gemm_out=(M, K))
+            )
+    return launches
 
 
 DESIGNS: dict[str, Callable[[Shape], list[Launch]]] = {

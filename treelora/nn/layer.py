@@ -60,7 +60,7 @@ def fused_lora_forward(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     dropout_p: float,
     training: bool,
     frozen_rank: int = 0,
@@ -70,6 +70,7 @@ def fused_lora_forward(
     Under autocast, x is cast to the autocast dtype and the op runs with autocast off: the op already computes in
     x's dtype (fp32 on CPU), and letting autocast re-cast its internal matmuls would undo that choice.
     Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r); returns (..., out).
+    ``scaling`` is a Python number or a 0-dim tensor (PEFT's compiled hotswap keeps it as one), passed on as is.
     """
     device_type = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device_type):
