@@ -1,7 +1,8 @@
 """Command line: python -m treelora <command> (also installed as treelora).
 
 Commands: info (versions, devices, extension, backends per op), demo (a small tour of the ops), run (a
-continual-learning run: methods compared on a stream, with the accuracy matrices, a table and result files) and
+continual-learning run: methods compared on a stream, with the accuracy matrices, a table and result files), compare
+(``run`` over methods x seeds x the values of one method option, summarised as mean +- sd with plots) and
 bench (the kernel benchmarks under bench/, through pytest-benchmark). Errors in the arguments or the inputs exit
 with code 2 and a one-line message; Ctrl-C exits with code 130 and one line saying how to resume.
 
@@ -25,6 +26,7 @@ import torch
 
 from treelora import demo, info
 from treelora._version import __version__
+from treelora.cl import compare
 from treelora.cl.checkpoint import CheckpointError
 from treelora.cl.distributed import (
     CollectiveError,
@@ -369,12 +371,45 @@ def _join_processes(device: str) -> DistributedContext:
         raise UsageError(str(e)) from None
 
 
+# OpenMP's wait policy is read once, when torch loads the OpenMP runtime, so it cannot be changed from here; `run`
+# and `compare` restart the interpreter with it set (see prefer_passive_openmp). Measured on a 2-core CPU shared with
+# other jobs (load average 11-13), 10 LoRA training steps of the default run's shape (bench/threads_workload.py): 119 s
+# with 2 threads and GNU OpenMP's default spin-waiting, 11-21 s with 1 thread, 5.9 s with 2 threads and PASSIVE: a
+# spinning thread holds its core while the thread it waits for is descheduled, so every parallel region waits a
+# scheduler time slice (README "Threads on a shared machine").
+OPENMP_WAIT_ENV = "OMP_WAIT_POLICY"
+REEXEC_COMMANDS = ("run", "compare")
+
+
+def prefer_passive_openmp(argv: Sequence[str] | None = None) -> None:
+    """Restart this process with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (a user's choice wins).
+
+    Threads waiting at the end of a parallel region then sleep instead of spinning, which keeps a training run
+    proportional on a machine where other processes hold cores. Called by :func:`main` for the commands in
+    :data:`REEXEC_COMMANDS` when it runs as the program (``argv`` None); does nothing on Windows or before Python 3.10
+    (no ``sys.orig_argv`` to restart with).
+
+    Args:
+        argv: the command's arguments (default ``sys.argv[1:]``); only their first word (the command) is looked at.
+    """
+    command = list(sys.argv[1:] if argv is None else argv)[:1]
+    original = getattr(sys, "orig_argv", None)
+    if OPENMP_WAIT_ENV in os.environ or not command or command[0] not in REEXEC_COMMANDS:
+        return
+    if os.name != "posix" or not original:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *original[1:]], {**os.environ, OPENMP_WAIT_ENV: "PASSIVE"})
+
+
 def _threads(args: argparse.Namespace, context: DistributedContext) -> None:
-    """torch's default (one thread per core) unless --threads says otherwise; under torchrun the cores are divided
-    among the node's processes (torchrun itself sets OMP_NUM_THREADS=1)."""
-    # On an idle 2-core machine the default run took 73 s with 2 threads and 105 s with 1; on a machine shared with
-    # other jobs, --threads 1 avoids OpenMP threads spinning while others hold the cores (seen: 3.5 step/s with 1
-    # thread vs 0.5 with 2).
+    """--threads, else torch's default (one thread per core, or OMP_NUM_THREADS when set); under torchrun the cores
+    are divided among the node's processes (torchrun itself sets OMP_NUM_THREADS=1)."""
+    # With OpenMP's passive wait policy (prefer_passive_openmp), one thread per core stays the fastest choice on a
+    # quiet machine (default run: 73 s with 2 threads, 105 s with 1 on a quiet 2-core CPU) and degrades in
+    # proportion when another process takes a core; without it (a user's OMP_WAIT_POLICY=ACTIVE, or `run` called
+    # from Python), --threads 1 is the safe choice on a shared machine.
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif context.is_distributed:
@@ -492,6 +527,59 @@ def _run_methods(
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """print() on ranks other than 0."""
+
+
+# --- compare ---------------------------------------------------------------------------------------------------------
+
+COMPARE_DESCRIPTION = """\
+Run `treelora run` once per seed (and per value of --sweep) into sub-folders of --out, then
+print a table of ACC, BWT and FWT as mean +- sd over the seeds and write comparison.md,
+comparison.csv, comparison.json, tradeoff.png (ACC vs BWT) and task_curves.png (accuracy on each
+task after each stage). Arguments after -- go to every run. A run whose results.json exists is
+kept: rerun the same command to continue an interrupted comparison.
+"""
+COMPARE_EPILOG = """\
+Choosing an option value on validation, then measuring it on test (two steps):
+
+  treelora compare --methods TreeLoRA,SeqLoRA --seeds 0,1,2 \\
+      --sweep treelora:reg_lambda=2,20,200,2000,20000 --select-by validation-acc \\
+      --out cmp-val -- --validation 0.2
+  treelora compare --methods TreeLoRA,SeqLoRA --seeds 0,1,2 \\
+      --method-option reg_lambda=<selected> --out cmp-test
+
+The first scores a validation split carved from the training data and prints the selected value;
+the second reruns that value on the test split.
+"""
+
+
+def _launch_run(argv: Sequence[str]) -> int:
+    """``treelora run`` in its own process (its memory and threads are its own); returns its exit code."""
+    env = {OPENMP_WAIT_ENV: "PASSIVE", **os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "treelora", "run", *argv], env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # the run got the same Ctrl-C: let it finish writing its checkpoint
+        raise
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    run_args = list(args.run_args)
+    if run_args[:1] == ["--"]:
+        run_args = run_args[1:]
+    run_args += [x for pair in args.method_option for x in ("--method-option", pair)]
+    try:
+        methods = _parse_methods(args.methods)
+        seeds = compare.parse_seeds(args.seeds)
+        sweep = compare.Sweep.parse(args.sweep) if args.sweep else None
+        compare.check_selection(args.select_by, run_args, sweep)
+        cells = compare.plan(methods, seeds, args.out, run_args, sweep)
+        compare.run_grid(cells, _launch_run)
+        written = compare.report(cells, args.out, sweep, args.select_by)
+    except (compare.CompareError, ImportError) as e:
+        raise UsageError(str(e)) from None
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 # --- bench -----------------------------------------------------------------------------------------------------------
@@ -626,6 +714,40 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser(
+        "compare",
+        help="run methods x seeds (x one option's values) and summarise them: mean +- sd table and plots",
+        description=COMPARE_DESCRIPTION,
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated: {labels} (default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="METHOD:OPTION=V1,V2,...",
+        help="run one method at each value of one of its options, e.g. treelora:reg_lambda=2,20,200,2000",
+    )
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option given to every run (as treelora run --method-option)",
+    )
+    p.add_argument(
+        "--select-by",
+        choices=compare.SELECT_RULES,
+        default=None,
+        help="mark per swept method the value of the highest mean ACC over the seeds (on a --validation run)",
+    )
+    p.add_argument("--out", default="treelora-compare", help="output folder (default %(default)s)")
+    p.add_argument(
+        "run_args", nargs=argparse.REMAINDER, help="after --: arguments for every treelora run (--stream, ...)"
+    )
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("bench", help="the kernel benchmarks (pytest-benchmark over bench/)")
     p.add_argument("-k", default=None, help="pytest -k expression selecting benchmarks")
     p.add_argument("--path", default=None, help="the benchmark folder (default: bench/ of the source checkout)")
@@ -642,6 +764,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "treelora") -> int:
         prog: how the program was invoked, for help texts and the resume command (``python -m treelora`` when run as
             a module).
     """
+    if argv is None:
+        prefer_passive_openmp()
     parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
