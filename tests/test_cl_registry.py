@@ -64,8 +64,9 @@ def test_names_and_labels_in_any_spelling(spelling):
 
 
 def test_unknown_and_mistyped_names():
-    with pytest.raises(ValueError, match="unknown method 'LwF': choose from TreeLoRA, SeqLoRA, O-LoRA, EWC, Joint"):
-        canonical_method("LwF")
+    choices = "TreeLoRA, SeqLoRA, O-LoRA, EWC, Joint, LwF, Replay, InfLoRA"
+    with pytest.raises(ValueError, match=f"unknown method 'GEM': choose from {choices}"):
+        canonical_method("GEM")
     with pytest.raises(TypeError, match="method name must be a string"):
         canonical_method(3)
 

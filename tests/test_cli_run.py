@@ -114,7 +114,7 @@ def _trace_with(tmp_path, broken: str) -> Path:
     [
         (["--stream", "wordnet-verbs"], "unknown stream 'wordnet-verbs'"),
         (["--model", "gpt-17"], "unknown model 'gpt-17'"),
-        (["--methods", "TreeLoRA,LwF"], "unknown method 'LwF'"),
+        (["--methods", "TreeLoRA,GEM"], "unknown method 'GEM'"),
         (["--model", "./no/such/model"], "model path no/such/model does not exist"),
         (["--stream", "TRACE:missing"], "missing split file"),
         (["--stream", "TRACE:malformed"], "malformed JSON in"),
