@@ -405,8 +405,11 @@ class ExperienceReplay(SeqLoRA):
     ``replay_batch_size`` buffer entries (default 8) drawn without replacement by a generator seeded by
     ``(replay_seed, task, step)`` (the same on every rank, and after a resume); every row is scored with its own
     task's logits under the run's protocol (under the class protocol, every class seen so far competes). Under
-    several processes each rank replays its shard ``minibatch[rank::world_size]`` of that same minibatch, as it does
-    with the current batch. Cost: one extra forward and backward of the replay minibatch per step.
+    several processes every rank replays the whole minibatch (not a shard): the trainer averages the ranks' gradients
+    weighted by their share of the current batch, so identical replay terms on every rank average to exactly the
+    one-process replay term, also when the shards are uneven or one is empty; the replay minibatch is small (8 against
+    a global batch of 32 on the default run), so the repeated work is too. Cost: one extra forward and backward of the
+    replay minibatch per step and rank.
 
     Args:
         layers: LoRA layers. optimizer: AdamW settings.
@@ -491,7 +494,7 @@ class ExperienceReplay(SeqLoRA):
 
     def training_loss(self, batch: dict[str, Any], objective: Objective) -> tuple[torch.Tensor, torch.Tensor | None]:
         loss = objective.loss(batch)[0]
-        items = self.replay_items()[objective.rank :: objective.world_size]
+        items = self.replay_items()
         if not items or self.replay_weight == 0:
             return loss, None
         return loss, self.replay_weight * objective.loss(objective.batch(items))[0]
