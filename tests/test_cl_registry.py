@@ -11,7 +11,10 @@ from treelora import data
 from treelora.cl import (
     EWC,
     ContinualMethod,
+    ExperienceReplay,
+    InfLoRA,
     JointTraining,
+    LwF,
     MethodOptionError,
     OLoRA,
     OptimizerConfig,
@@ -47,10 +50,11 @@ def scratch_registry(monkeypatch):
 
 
 def test_builtin_methods_in_listing_order_with_labels():
-    assert registered_methods() == ["treelora", "seqlora", "olora", "ewc", "joint"]
-    assert [method_label(m) for m in registered_methods()] == ["TreeLoRA", "SeqLoRA", "O-LoRA", "EWC", "Joint"]
+    assert registered_methods() == ["treelora", "seqlora", "olora", "ewc", "joint", "lwf", "replay", "inflora"]
+    labels = ["TreeLoRA", "SeqLoRA", "O-LoRA", "EWC", "Joint", "LwF", "Replay", "InfLoRA"]
+    assert [method_label(m) for m in registered_methods()] == labels
     classes = [method_class(m) for m in registered_methods()]
-    assert classes == [TreeLoRA, SeqLoRA, OLoRA, EWC, JointTraining]
+    assert classes == [TreeLoRA, SeqLoRA, OLoRA, EWC, JointTraining, LwF, ExperienceReplay, InfLoRA]
     assert method_label("my-callable") == "my-callable"  # unregistered names are shown as they are
 
 
@@ -60,8 +64,9 @@ def test_names_and_labels_in_any_spelling(spelling):
 
 
 def test_unknown_and_mistyped_names():
-    with pytest.raises(ValueError, match="unknown method 'LwF': choose from TreeLoRA, SeqLoRA, O-LoRA, EWC, Joint"):
-        canonical_method("LwF")
+    choices = "TreeLoRA, SeqLoRA, O-LoRA, EWC, Joint, LwF, Replay, InfLoRA"
+    with pytest.raises(ValueError, match=f"unknown method 'GEM': choose from {choices}"):
+        canonical_method("GEM")
     with pytest.raises(TypeError, match="method name must be a string"):
         canonical_method(3)
 

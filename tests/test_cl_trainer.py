@@ -199,8 +199,8 @@ def test_incompatible_stream_and_model_are_refused():
         _trainer(stream=data.wordnet_instruct(train_per_task=2, test_per_task=2))
     with pytest.raises(ValueError, match="has image inputs"):
         _trainer(stream=data.split_digits())
-    with pytest.raises(ValueError, match="unknown method 'lwf'"):
-        _trainer("lwf")
+    with pytest.raises(ValueError, match="unknown method 'gem'"):
+        _trainer("gem")
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from treelora.cl.distributed import (
 )
 from treelora.cl.evaluation import Evaluator
 from treelora.cl.objectives import TaskHeads
-from treelora.cl.trainer import Trainer, TrainerConfig
+from treelora.cl.trainer import Trainer, TrainerConfig, TrainingObjective
 from treelora.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,8 +367,8 @@ def test_instruct_batches_count_their_scored_tokens():
     items = [(0, i) for i in range(4)]
     batch = trainer.batches.instruct(items, "train")
     assert batch["num_targets"] == int((batch["labels"][:, 1:] != -100).sum()) > 0
-    loss, weight = trainer._loss(items, 0)
-    assert weight == batch["num_targets"] and loss.dim() == 0
+    loss, extra, weight = trainer._loss(items, TrainingObjective(trainer, [0], 0, 0))
+    assert weight == batch["num_targets"] and loss.dim() == 0 and extra is None
 
 
 def test_threads_are_divided_among_the_processes_of_a_node(monkeypatch):

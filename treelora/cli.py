@@ -702,7 +702,9 @@ def build_parser(prog: str = "treelora") -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an option of a method, given to every method of the run that has it (TreeLoRA: preset=official or "
         "any TreeLoRAConfig field such as split=mean_dot or reg_lambda=0; O-LoRA: lambda_orth, lambda_l2; EWC: "
-        "ewc_lambda, gamma); an option that none of the methods has is an error",
+        "ewc_lambda, gamma; LwF: lwf_lambda, lwf_temperature, lwf_softmax; Replay (default 20 examples per "
+        "finished task): replay_per_task, replay_batch_size, replay_weight, replay_seed; InfLoRA: inflora_threshold, "
+        "inflora_batches); an option that none of the methods has is an error",
     )
     p.add_argument(
         "--threads",

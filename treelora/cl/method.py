@@ -3,11 +3,12 @@
 For each task ``k`` the trainer calls::
 
     method.begin_task(k, steps_per_epoch, epochs)
+    method.prepare_task(objective)              # model in eval mode; may run the task's batches (no-op by default)
     for epoch in range(epochs):
         method.begin_epoch(epoch)
         for batch in loader:
-            loss = task_loss(model, batch)
-            loss = method.before_backward(loss)     # may add a regularizer
+            loss, extra = method.training_loss(batch, objective)   # default: objective.loss(batch), no extra
+            loss = method.before_backward(loss + extra)  # may add a regularizer
             loss.backward()
             method.after_backward()                 # may read gradients (signatures, Fisher, ...)
             method.step()                           # the optimizer step (possibly sparse), then zero grads
@@ -17,13 +18,19 @@ The method owns its optimizer state (AdamW moments through :func:`treelora.ops.m
 ``state_dict()`` / ``load_state_dict()`` capture everything needed to resume mid-stream. ``layers`` are the modules
 returned by :func:`treelora.nn.inject_lora` (shallowest first) or PEFT LoRA layers; :func:`adapter_parameters`
 reads the trainable A and B of either.
+
+The batch seam: methods that need the batch and the model (a teacher's forward, a replay loss, input statistics
+before a task) use the two hooks that receive an :class:`Objective` (the trainer's view of the data and the loss),
+:meth:`ContinualMethod.prepare_task` and :meth:`ContinualMethod.training_loss`; both default to doing nothing beyond
+the plain task loss, so methods that only read gradients never see them.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +47,43 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+
+class Objective(Protocol):
+    """What a method's batch hooks may ask of the run: the trainer's data, loss and logits, without its internals.
+
+    Attributes:
+        kind: ``"classification"`` or ``"instruct"`` (the stream's kind).
+        task: index of the task being trained (0 for joint training). rank, world_size: this process among several.
+    """
+
+    kind: str
+    task: int
+    rank: int
+    world_size: int
+
+    def train_size(self, task: int) -> int:
+        """Number of training examples of ``task``."""
+        ...
+
+    def train_batches(self) -> list[list[tuple[int, int]]]:
+        """The current task's first-epoch global training batches as ``(task, example)`` pairs: the same on every
+        rank (not sharded)."""
+        ...
+
+    def batch(self, items: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """The training tensors of ``(task, example)`` pairs (any seen task), on the run's device."""
+        ...
+
+    def loss(self, batch: dict[str, Any], logits_of: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The batch's mean task loss (0-d; each row scored by its own task's classes, under the run's protocol) and,
+        from the same forward, the logits of every row over the classes of each task in ``logits_of``: a list of
+        (B, C_k) tensors (classification streams only; ValueError for an instruct stream)."""
+        ...
+
+    def eval_mode(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the model runs in eval mode (no dropout); training mode is restored after it."""
+        ...
 
 
 def adapter_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
@@ -154,6 +198,23 @@ class ContinualMethod(abc.ABC):
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.step_in_task = 0
+
+    def prepare_task(self, objective: Objective) -> None:
+        """Called once per task right after :meth:`begin_task`, with the model in eval mode and no gradients
+        recorded; a method may run the task's training batches (``objective.train_batches()``) to gather input
+        statistics, or note the task's size. Every rank runs it on the same global batches, so whatever it computes
+        is identical everywhere. Default: nothing."""
+        return None
+
+    def training_loss(self, batch: dict[str, Any], objective: Objective) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of one training batch (this rank's shard), as ``(task loss, extra)``: the trainer logs and
+        averages the task loss and differentiates ``before_backward(task loss + extra)``. A method that needs the
+        batch (a teacher's forward, a replay loss) overrides it. Default: ``(objective.loss(batch)[0], None)``."""
+        return objective.loss(batch)[0], None
+
+    def options(self) -> dict[str, Any]:
+        """The method's effective options (defaults included), recorded with the results. Default: none."""
+        return {}
 
     def begin_epoch(self, epoch: int) -> None:
         """An epoch of the current task starts. Default: record its index."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, TypeVar
 
-from treelora.cl.baselines import EWC, JointTraining, OLoRA, SeqLoRA
+from treelora.cl.baselines import EWC, ExperienceReplay, InfLoRA, JointTraining, LwF, OLoRA, SeqLoRA
 from treelora.cl.method import ContinualMethod
 from treelora.cl.treelora import TreeLoRA
 
@@ -124,3 +124,6 @@ register_method(SeqLoRA)
 register_method(OLoRA)
 register_method(EWC)
 register_method(JointTraining)
+register_method(LwF)
+register_method(ExperienceReplay)
+register_method(InfLoRA)

@@ -32,13 +32,14 @@ on the answer tokens; the prompt carries the task.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -267,6 +268,59 @@ def _silent(message: str) -> None:
     """The log of a run that prints nothing (progress off, or a rank other than 0)."""
 
 
+class TrainingObjective:
+    """The trainer's side of the batch seam (:class:`treelora.cl.method.Objective`): the data, loss and logits of
+    the training step that covers ``tasks`` (the current task, or every task for joint training), scored with the
+    heads of tasks 0..``upto``.
+
+    Args:
+        trainer: the trainer. tasks: the tasks trained in this step. task: its index. upto: the last seen task.
+    """
+
+    def __init__(self, trainer: Trainer, tasks: Sequence[int], task: int, upto: int) -> None:
+        self._trainer, self._tasks, self.task, self._upto = trainer, list(tasks), task, upto
+        self.kind = trainer.stream.kind
+        self.rank, self.world_size = trainer.dist.rank, trainer.dist.world_size
+
+    def train_size(self, task: int) -> int:
+        return len(self._trainer.stream.tasks[task].train)
+
+    def train_batches(self) -> list[list[tuple[int, int]]]:
+        t = self._trainer
+        return epoch_batches(t.stream, self._tasks, self.task, 0, t.config.batch_size, t.sampler)
+
+    def batch(self, items: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        return self._trainer.batches(items, "train")
+
+    def loss(self, batch: dict[str, Any], logits_of: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        t = self._trainer
+        if self.kind != "classification":
+            if logits_of:
+                raise ValueError(f"logits_of: stream {t.stream.name!r} is an instruction stream without class logits")
+            return causal_lm_loss(t.model, batch), []
+        features = t.loaded.features(batch)
+        loss = t.heads.loss(features, batch["labels"], batch["task"], self._upto)
+        logits = []
+        for k in logits_of:
+            # The columns of task k's classes among the logits the protocol gives task k (its own head, or every head
+            # up to k under the class protocol).
+            scores, classes = t.heads.logits(features, k, k)
+            own = set(t.heads.task_classes[k])
+            cols = [i for i, c in enumerate(classes) if c in own]
+            logits.append(scores if len(cols) == len(classes) else scores[:, cols])
+        return loss, logits
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        model = self._trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
 class Trainer:
     """Runs one continual-learning method over a stream.
 
@@ -275,8 +329,8 @@ class Trainer:
         model: a backbone from :func:`treelora.models.load_model`; LoRA is injected into it here (it is modified in
             place: load a fresh one per run).
         method: a registered method name or label (:func:`treelora.cl.registered_methods`: ``treelora``,
-            ``seqlora``, ``olora``, ``ewc``, ``joint``) or a callable ``(layers, optimizer, **options) ->
-            ContinualMethod``.
+            ``seqlora``, ``olora``, ``ewc``, ``joint``, ``lwf``, ``replay``, ``inflora``) or a callable
+            ``(layers, optimizer, **options) -> ContinualMethod``.
         config: :class:`TrainerConfig`.
         method_options: keyword options of the method (e.g. ``lambda_orth`` for O-LoRA, TreeLoRAConfig fields and
             ``preset`` for TreeLoRA); a registered method refuses options it does not have.
@@ -443,15 +497,17 @@ class Trainer:
 
     # --- training --------------------------------------------------------------------------------------------------
 
-    def _loss(self, items: list[tuple[int, int]], upto: int) -> tuple[torch.Tensor, int]:
-        """The task loss of one training batch (heads of tasks 0..upto compete under the class protocol) and what it
-        is a mean over: examples (classification) or scored answer tokens (instruct), the rank's weight when the
-        gradients are averaged over ranks."""
-        if self.stream.kind == "classification":
-            batch = self.batches.classification(items, "train")
-            return self.heads.loss(self.loaded.features(batch), batch["labels"], batch["task"], upto), len(items)
-        batch = self.batches.instruct(items, "train")
-        return causal_lm_loss(self.model, batch), batch["num_targets"]
+    def _loss(
+        self, items: list[tuple[int, int]], objective: TrainingObjective
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The task loss of one training batch (heads of tasks 0..upto compete under the class protocol), the
+        method's extra loss on it (:meth:`ContinualMethod.training_loss`), and what the task loss is a mean over:
+        examples (classification) or scored answer tokens (instruct), the rank's weight when the gradients are
+        averaged over ranks."""
+        batch = objective.batch(items)
+        loss, extra = self.method.training_loss(batch, objective)
+        weight = len(items) if self.stream.kind == "classification" else batch["num_targets"]
+        return loss, extra, weight
 
     def _gradient_owners(self) -> list[int] | None:
         """For each of ``method.parameters()``: -1 for a LoRA adapter (every example's forward goes through every
@@ -526,14 +582,20 @@ class Trainer:
         if world > 1:
             broadcast_rng_state()
         self.method.begin_task(index, steps_per_epoch, epochs)
+        upto = len(self.stream) - 1 if self.joint else index
+        objective = TrainingObjective(self, tasks, index, upto)
+        with objective.eval_mode(), torch.no_grad():
+            self.method.prepare_task(objective)
         if world > 1:
             seed_per_rank()  # then independent dropout masks per rank
         self.model.train()
         bar = Progress(total, label, cfg.progress and self.dist.is_main)
         epoch_losses, step = [], 0
         params = self.method.parameters()
-        owners = self._gradient_owners() if self.dist.is_distributed else None
-        upto = len(self.stream) - 1 if self.joint else index
+        # A method with its own batch loss (replay, distillation) may give a gradient to heads of tasks outside the
+        # batch: which parameters have one is then read back from the all-reduce instead of worked out from the batch.
+        own_loss = type(self.method).training_loss is not ContinualMethod.training_loss
+        owners = self._gradient_owners() if self.dist.is_distributed and not own_loss else None
         try:
             for epoch in range(epochs):
                 self.method.begin_epoch(epoch)
@@ -542,13 +604,14 @@ class Trainer:
                     if step >= total:
                         break
                     local = shard(items, rank, world) if world > 1 else items
+                    extra = None
                     if local:
-                        loss, weight = self._loss(local, upto)
+                        loss, extra, weight = self._loss(local, objective)
                     else:
                         # A global batch smaller than the number of ranks: this rank still runs the method's hooks
                         # (the search draws and counts every step on every rank) with weight 0.
                         loss, weight = torch.zeros((), device=self.device), 0
-                    total_loss = self.method.before_backward(loss)
+                    total_loss = self.method.before_backward(loss if extra is None else loss + extra)
                     if local or total_loss.requires_grad:
                         total_loss.backward()
                     if world > 1:
@@ -795,5 +858,5 @@ class Trainer:
             steps=list(self.steps),
             tree=self.method.learned_tree(),
             config=self.config.to_dict(),
-            method_options=dict(self.method_options),
+            method_options={**self.method.options(), **self.method_options},
         )
