@@ -251,7 +251,12 @@ def _similarity_spec(
         "ACCUMULATE": accumulate,
         "COUNT_ON_DEVICE": count_on_device,
         "ALIGNED": aligned,
-        "BLOCK": similarity.BLOCK,
+        "ROWS": 1 if gather else similarity.FULL_ROWS,
+        "BLOCK": similarity.FULL_BLOCK
+        if not gather
+        else similarity.ACCUMULATE_BLOCK
+        if accumulate
+        else similarity.GATHER_BLOCK,
         "REDUCE_BLOCK": similarity.REDUCE_BLOCK,
     }
     return CompileSpec(name, similarity._similarity_kernel, signature, constexprs, num_warps=similarity.NUM_WARPS)
