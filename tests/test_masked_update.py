@@ -357,6 +357,77 @@ def test_triton_radix_select_finds_the_exact_kth_largest_magnitude(density):
         assert torch.equal(got.cpu(), want.cpu()), f"{dtype}: {got.tolist()} != {want.tolist()}"
 
 
+@pytest.mark.interpreter
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("share", [2, 64], ids=["lists-of-many-blocks", "lists-overflow"])
+def test_triton_select_compacts_candidates_and_rereads_a_tensor_whose_list_overflows(monkeypatch, share):
+    """64-entry blocks: a list of capacity numel / 2 spans many blocks (many programs per tensor in steps 3-4); with
+    numel / 64 the candidates of a narrow |g| (all in one or two first-digit bins) overflow it, and steps 3-4 must
+    read the gradient again. Thresholds and the update must match the reference either way, NaN included."""
+    from treelora.kernels.triton import masked_update as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK", 64)
+    monkeypatch.setattr(kernels, "CANDIDATE_SHARE", share)
+    kernels._candidate_layout.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(7)
+        grads = [
+            torch.randn(3000, generator=gen),
+            1.0 + 0.3 * torch.rand(2500, generator=gen),  # |g| in [1, 1.3): one first-digit bin holds every entry
+            torch.randint(-3, 4, (1999,), generator=gen).float(),  # ties
+            torch.randn(700, generator=gen) * torch.logspace(-12, 12, 700),  # g * g stays inside fp32
+        ]
+        grads[0][[5, 1000, 2999]] = float("nan")
+        grads = [g.to(DEVICE) for g in grads]
+        capacities = [kernels._capacity(g.numel()) for g in grads]
+        assert capacities[1] < grads[1].numel()  # every entry of the narrow tensor is a candidate: its list overflows
+        if share == 2:  # the ties at ρ = 0.3 (about 570 entries with |g| = 2) fill 9 blocks of a 1024-entry list
+            assert capacities[2] == 1024
+        else:
+            assert max(capacities) == 64  # every list overflows at ρ = 0.3
+        for density in (0.01, 0.3):
+            got = kernels.density_thresholds(grads, density)
+            want = torch.stack([density_threshold_ref(g, density).float() for g in grads])
+            assert torch.equal(got.cpu().view(torch.int32), want.cpu().view(torch.int32)), f"{got} != {want}"
+            params = [torch.randn(g.shape, generator=gen).to(DEVICE) for g in grads]
+            moments = [[torch.rand(g.shape, generator=gen).to(DEVICE) * 0.1 for g in grads] for _ in range(2)]
+            old = [[t.clone() for t in ts] for ts in (params, *moments)]
+            ref64 = [[t.double() for t in ts] for ts in (params, grads, *moments)]
+            kwargs = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, density=density)
+            ops.masked_adamw_ref_(*ref64, 3, **kwargs)
+            kernels.masked_adamw_(params, grads, *moments, 3, **kwargs)
+            selected = [selection_mask(p, g, None, density) for p, g in zip(params, grads)]
+            states = zip(("param", "exp_avg", "exp_avg_sq"), (params, *moments), old, (ref64[0], *ref64[2:]))
+            for name, new, before, want in states:
+                # The NaN gradients make NaN entries: those must be the same entries, then compare the rest.
+                assert all(torch.equal(t.isnan().cpu(), w.isnan()) for t, w in zip(new, want)), name
+                finite = [[t.nan_to_num() for t in ts] for ts in (new, before, want)]
+                _check_entrywise(f"{density} {name}", *finite, selected)
+    finally:
+        kernels._candidate_layout.cache_clear()
+
+
+def _masked_update_specs():
+    if INTERPRET:
+        return []
+    from treelora.kernels.triton.compile_specs import masked_update_specs
+
+    return masked_update_specs()
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("capability, aligned", [(80, True), (90, True)], ids=["sm_80-aligned", "sm_90-aligned"])
+@pytest.mark.parametrize("spec", _masked_update_specs(), ids=lambda s: s.name)
+def test_triton_masked_update_kernels_compile_without_spills(spec, capability, aligned):
+    """Every step of the select and every update compiles to cubins without local memory (spills) or stack."""
+    from tests.test_similarity import cubin_resources
+    from treelora.kernels.triton.compile_specs import compile_for_target
+
+    usage = cubin_resources(compile_for_target(spec, capability, aligned=aligned).asm["cubin"])
+    print(f"{spec.name} sm_{capability}: {usage}")
+    assert usage["local"] == 0 and usage["stack"] == 0, usage
+
+
 # --- torch.library registration ------------------------------------------------------------------------------------
 
 
