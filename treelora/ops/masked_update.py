@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from itertools import repeat
+from operator import attrgetter
 from typing import Sequence
 
 import torch
@@ -71,22 +73,32 @@ __all__ = [
 # --- validation ---------------------------------------------------------------------------------------------------
 
 
+# The fast paths read each attribute of a whole list with map(attrgetter(...)) (C loops): an optimizer step passes ~450
+# tensors per list and runs these checks every step, and the generator-expression version cost 2 ms of a 10 ms step on
+# the 2-core CPU. The per-tensor loops run only to name the offending entry.
+_DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+
+
 def _all_tensors(items: list) -> bool:
-    return all(isinstance(t, torch.Tensor) for t in items)
+    return all(map(isinstance, items, repeat(torch.Tensor)))
 
 
-def _check_group(name: str, tensors, params, *, allow_none: bool = False, dtypes=FLOAT_DTYPES) -> list:
+def _check_group(name: str, tensors, params, shapes: list, *, allow_none: bool = False, dtypes=FLOAT_DTYPES) -> list:
+    """``tensors`` as a list, checked against ``params`` (whose shapes are ``shapes``)."""
     tensors = check_nonempty_list(name, tensors)
     if len(tensors) != len(params):
         raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
-    # Fast path: whole-list comparisons (an optimizer step may pass ~450 tensors per list, and this check runs every
-    # step); the per-tensor loop below runs only to name the offending entry.
-    present = [t for t in tensors if t is not None] if allow_none else tensors
+    if allow_none and any(t is None for t in tensors):
+        present = [t for t in tensors if t is not None]
+        want = [shape for shape, t in zip(shapes, tensors) if t is not None]
+    else:
+        present, want = tensors, shapes
     if (
         _all_tensors(present)
-        and {t.dtype for t in present} <= set(dtypes)
-        and {t.device for t in present} <= {params[0].device}
-        and [t.shape for t in tensors if t is not None] == [p.shape for p, t in zip(params, tensors) if t is not None]
+        and set(map(_DTYPE, present)) <= (_FLOAT_SET if dtypes is FLOAT_DTYPES else set(dtypes))
+        and set(map(_DEVICE, present)) <= {params[0].device}
+        and list(map(_SHAPE, present)) == want
     ):
         return tensors
     for i, (t, p) in enumerate(zip(tensors, params)):
@@ -100,22 +112,23 @@ def _check_group(name: str, tensors, params, *, allow_none: bool = False, dtypes
     return tensors
 
 
-def _check_params(params) -> list:
+def _check_params(params) -> tuple[list, list]:
+    """(params as a list, their shapes)."""
     params = check_nonempty_list("params", params)
     if (
         _all_tensors(params)
-        and {p.dtype for p in params} <= set(FLOAT_DTYPES)
-        and len({p.device for p in params}) == 1
-        and all(p.is_contiguous() for p in params)
+        and set(map(_DTYPE, params)) <= _FLOAT_SET
+        and len(set(map(_DEVICE, params))) == 1
+        and all(map(torch.Tensor.is_contiguous, params))
     ):
-        return params
+        return params, list(map(_SHAPE, params))
     for i, p in enumerate(params):
         check_tensor(f"params[{i}]", p, dtypes=FLOAT_DTYPES)
         if not p.is_contiguous():
             raise ValueError(f"params[{i}] must be contiguous (masked updates address entries by flat index)")
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device} (one device only)")
-    return params
+    return params, list(map(_SHAPE, params))
 
 
 def _check_selection(params, masks, density):
@@ -269,10 +282,10 @@ def masked_adamw_(
         masks: optional per-tensor selections (bool/uint8 masks, int64 flat-index lists, or None = all).
         density: optional top-ρ fraction by |grad| per tensor, instead of masks.
     """
-    params = _check_params(params)
-    grads = _check_group("grads", grads, params)
-    exp_avgs = _check_group("exp_avgs", exp_avgs, params)
-    exp_avg_sqs = _check_group("exp_avg_sqs", exp_avg_sqs, params)
+    params, shapes = _check_params(params)
+    grads = _check_group("grads", grads, params, shapes)
+    exp_avgs = _check_group("exp_avgs", exp_avgs, params, shapes)
+    exp_avg_sqs = _check_group("exp_avg_sqs", exp_avg_sqs, params, shapes)
     _check_step(step, params[0].device)
     lr = check_finite_number("lr", lr, low=0.0)
     if not isinstance(betas, (tuple, list)):
@@ -319,17 +332,17 @@ def masked_sgd_(
     Per selected entry: ``d = g + wd·p``; with momentum ``buf = momentum·buf + d; d = buf``; ``p -= lr·d``.
     ``momentum_buffers`` must be given (zero-initialised for a fresh optimizer) when momentum != 0.
     """
-    params = _check_params(params)
-    grads = _check_group("grads", grads, params)
+    params, shapes = _check_params(params)
+    grads = _check_group("grads", grads, params, shapes)
     lr = check_finite_number("lr", lr, low=0.0)
     momentum = check_finite_number("momentum", momentum, low=0.0)
     weight_decay = check_finite_number("weight_decay", weight_decay, low=0.0)
     if momentum != 0.0:
         if momentum_buffers is None:
             raise ValueError("momentum_buffers is required when momentum != 0")
-        momentum_buffers = _check_group("momentum_buffers", momentum_buffers, params)
+        momentum_buffers = _check_group("momentum_buffers", momentum_buffers, params, shapes)
     elif momentum_buffers is not None:
-        momentum_buffers = _check_group("momentum_buffers", momentum_buffers, params, allow_none=True)
+        momentum_buffers = _check_group("momentum_buffers", momentum_buffers, params, shapes, allow_none=True)
     masks, density = _check_selection(params, masks, density)
     with torch.no_grad():
         torch.ops.treelora.masked_sgd_(
