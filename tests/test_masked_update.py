@@ -428,6 +428,27 @@ def test_triton_masked_update_kernels_compile_without_spills(spec, capability, a
     assert usage["local"] == 0 and usage["stack"] == 0, usage
 
 
+@pytest.mark.requires_cuda_ext
+def test_cuda_masked_update_kernels_use_no_local_memory():
+    """Every masked-update kernel of the built extension, for every
+    architecture it holds: no stack and no local memory, i.e. no spills (cuobjdump -res-usage, no GPU needed)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    from treelora import _cpp_lib
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(tool), "-res-usage", _cpp_lib.module.__file__], capture_output=True, text=True).stdout
+    found = re.findall(r"Function (\S*masked_update_cu\S*):\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    kernels = {name for name, *_ in found}
+    print("\n".join(f"{n[-60:]}: REG {r} STACK {st} LOCAL {lo}" for n, r, st, lo in found))
+    assert len(kernels) >= 10, f"expected the masked-update kernels in the extension, found {sorted(kernels)}"
+    assert all(st == "0" and lo == "0" for _, _, st, lo in found), "a masked-update kernel uses local memory"
+
+
 # --- torch.library registration ------------------------------------------------------------------------------------
 
 
