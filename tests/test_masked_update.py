@@ -430,8 +430,8 @@ def test_triton_masked_update_kernels_compile_without_spills(spec, capability, a
 
 @pytest.mark.requires_cuda_ext
 def test_cuda_masked_update_kernels_use_no_local_memory():
-    """Every masked-update kernel of the built extension, for every
-    architecture it holds: no stack and no local memory, i.e. no spills (cuobjdump -res-usage, no GPU needed)."""
+    """Every masked-update kernel of the built extension, for every architecture it holds: no stack and no local
+    memory, i.e. no spills (cuobjdump -res-usage, no GPU needed)."""
     import re
     import subprocess
     from pathlib import Path
