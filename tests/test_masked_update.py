@@ -213,10 +213,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-@pytest.mark.parametrize("density", [0.003, 0.01, 0.05, 0.3])
+@pytest.mark.parametrize("density", [0.003, 0.01, 0.05, 0.2, 0.3])
 @pytest.mark.parametrize("chunk_entries", [64, 1 << 18], ids=["chunks-of-one-or-two-rows", "one-chunk-per-shape"])
 def test_torch_backend_selects_and_updates_like_the_reference(monkeypatch, density, chunk_entries):
-    """Sparse densities: the sampled bound (k a small part of the row) and the exact path (ρ = 0.3), with the
+    """Sparse densities: the sampled bound (k up to a quarter of the row) and the exact path (ρ = 0.3), with the
     same-shape tensors stacked into one chunk or cut into many."""
     from treelora.kernels.torch import masked_update as torch_backend
 
