@@ -66,7 +66,7 @@ SAMPLE = 1024
 SAMPLE_SIGMAS = 4.0
 # Rows shorter than SAMPLE * SAMPLE_STRIDE are sampled every SAMPLE_STRIDE-th entry on average: a smaller sample only
 # loosens the bound (more candidates), and the sample's own selection costs about as much per entry as the pass.
-SAMPLE_STRIDE = 4
+SAMPLE_STRIDE = 8
 # The sampled bound pays while k is a small part of the row (at ρ = 0.1 the candidates are ~14% of it, and the exact
 # ``kthvalue`` costs 20-25 ns per entry on the 2-core CPU, 10x the compare pass); above this share one exact
 # ``kthvalue`` per row takes over.
@@ -192,7 +192,7 @@ class _Pick(NamedTuple):
 
     members: list[int]  # the tensors, one per row
     numel: int  # entries of each member
-    row: torch.Tensor | None  # row (member) of each selected entry; None for a single tensor
+    stacked: torch.Tensor | None  # flat index of each selected entry in the members stacked as rows; None: one tensor
     col: torch.Tensor  # flat index of each selected entry within its member, rows in order
     counts: list[int]  # selected entries per member
     grad: torch.Tensor | None  # the gradient at those entries, when the selection already gathered it
@@ -286,7 +286,8 @@ def _density_picks(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
                 magnitude = signed.abs()
             row, col = _top_entries(magnitude, k)
             counts = torch.bincount(row, minlength=len(chunk)).tolist()
-            picks.append(_Pick(chunk, n, row, col, counts, signed[row, col]))
+            stacked_index = row * n + col  # 1-D gathers: 2-D advanced indexing costs ~5x more per entry on CPU
+            picks.append(_Pick(chunk, n, stacked_index, col, counts, torch.take(signed, stacked_index)))
     return whole, picks
 
 
@@ -312,14 +313,13 @@ def _selection(params, grads, masks, density) -> tuple[list[int], list[_Pick]]:
 
 
 def _gather_pick(tensors: Sequence[torch.Tensor], pick: _Pick) -> torch.Tensor:
-    if pick.row is None:
+    if pick.stacked is None:
         return torch.take(tensors[pick.members[0]], pick.col)
     if pick.numel <= STACK_GATHER_NUMEL:
         first = tensors[pick.members[0]]
         shape = (len(pick.members), *first.shape)
         out = _scratch("gather", shape, first.dtype) if first.device.type == "cpu" else None
-        rows = torch.stack([tensors[i] for i in pick.members], out=out)
-        return rows.view(len(pick.members), pick.numel)[pick.row, pick.col]
+        return torch.take(torch.stack([tensors[i] for i in pick.members], out=out), pick.stacked)
     cols = pick.col.split(pick.counts)
     return torch.cat([torch.take(tensors[i], c) for i, c in zip(pick.members, cols)])
 
@@ -334,10 +334,36 @@ def _gathered_grads(grads: Sequence[torch.Tensor], picks: list[_Pick], acc: torc
     return torch.cat(parts).to(acc)
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """``t`` as a NumPy array sharing its memory, or None where NumPy cannot hold it (bf16, other devices)."""
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
 def _scatter(tensors: Sequence[torch.Tensor], picks: list[_Pick], values: torch.Tensor) -> None:
-    """Write each picked entry's new value (``values`` in the order of :func:`_gather`); nothing else is written."""
+    """Write each picked entry's new value (``values`` in the order of :func:`_gather`); nothing else is written.
+
+    On CPU through NumPy views where the dtype allows: a NumPy fancy-index store costs 0.25 us where ``Tensor.put_``
+    costs 2.3 us on the 2-core CPU (0.76 ms against 1.03 ms for the 448 tensors of a list, view included). NumPy
+    rounds to the target dtype like ``Tensor.to`` (to nearest, ties to even)."""
+    cpu = values.device.type == "cpu"
     for pick, part in zip(picks, values.split([sum(p.counts) for p in picks])):
-        cols = [pick.col] if pick.row is None else pick.col.split(pick.counts)
+        if cpu:
+            cols, news, start = pick.col.numpy(), part.numpy(), 0
+            for i, count in zip(pick.members, pick.counts):
+                t, stop = tensors[i], start + count
+                view = _numpy_view(t)
+                if view is None:
+                    t.put_(pick.col[start:stop], part[start:stop].to(t.dtype))
+                elif view.flags.c_contiguous:
+                    view.reshape(-1)[cols[start:stop]] = news[start:stop]
+                else:
+                    np.put(view, cols[start:stop], news[start:stop])
+                start = stop
+            continue
+        cols = [pick.col] if pick.stacked is None else pick.col.split(pick.counts)
         for i, col, new in zip(pick.members, cols, part.split(pick.counts)):
             t = tensors[i]
             t.put_(col, new if new.dtype == t.dtype else new.to(t.dtype))
