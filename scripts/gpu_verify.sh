@@ -10,11 +10,11 @@
 #   build   BUILD_S=120  `pip install --no-build-isolation --no-deps -e .` with the machine's nvcc, only when
 #                        treelora._C does not import (copying a prebuilt treelora/_C*.so along skips it); the
 #                        architecture is the GPU's own (TREELORA_CUDA_ARCHS) and TREELORA_BUILD_JOBS the core count
-#   tests   TESTS_S=95   the requires_cuda / Triton kernel tests of the three op families, pytest -n 8 (pytest-xdist)
+#   tests   TESTS_S=85   the requires_cuda / Triton kernel tests of the three op families, pytest -n 8 (pytest-xdist)
 #   lora    LORA_S=45    LoRA fwd+bwd at M=8192, K=N=4096, r=16, bf16: every provider (torch-base, PEFT, treelora on
 #                        each backend) and the side-by-side ratios against the base linear and PEFT
-#   sim     SIM_S=20     similarity of a 7B model's signature bank (T=10, L=32, D=1.25M), full and gathered
-#   masked  MASKED_S=20  masked AdamW over a 7B model's 448 LoRA tensors at density 0.01 and 1 vs torch's AdamW
+#   sim     SIM_S=25     similarity of a 7B model's signature bank (T=10, L=32, D=1.25M), full and gathered
+#   masked  MASKED_S=30  masked AdamW over a 7B model's 448 LoRA tensors at density 0.01 and 1 vs torch's AdamW
 #
 # Files in $OUT: summary.txt (machine, versions, command, then one line per step with its status, seconds and key
 # numbers), build.log (only when building), tests.log, tests.xml (JUnit), bench.log, bench_lora.json,
@@ -30,10 +30,10 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-gpu-results}"
 TOTAL_S="${TOTAL_S:-295}"
 BUILD_S="${BUILD_S:-120}"
-TESTS_S="${TESTS_S:-95}"
+TESTS_S="${TESTS_S:-85}"
 LORA_S="${LORA_S:-45}"
-SIM_S="${SIM_S:-20}"
-MASKED_S="${MASKED_S:-20}"
+SIM_S="${SIM_S:-25}"
+MASKED_S="${MASKED_S:-30}"
 # The kernel test files (the requires_cuda and Triton tests of the LoRA, similarity and masked-update families).
 KERNEL_TESTS=(tests/test_lora_triton.py tests/test_cuda_lora.py tests/test_similarity.py tests/test_cuda_similarity.py
   tests/test_masked_update.py tests/test_cuda_masked_update.py tests/test_cuda_extension.py)
