@@ -230,6 +230,16 @@ def test_torch_backend_bf16_gradients_and_moments_in_another_dtype():
     _assert_torch_backend_matches_reference(lists, density=0.02)
 
 
+def test_torch_backend_fp64_sparse_step():
+    """fp64 gradients take the NumPy selection in their own precision: the 2nd and 3rd largest |g| of the first
+    tensor differ only below fp32's precision, and k = 2 keeps exactly one of them."""
+    lists = [[t.double() for t in ts] for ts in _lora_like(3)]
+    lists[1][0].mul_(1e-3)
+    lists[1][0][0, :3] = torch.tensor([2.0, 1.0 + 2**-40, -1.0], dtype=torch.float64)
+    _assert_torch_backend_matches_reference(lists, density=0.005)
+    assert lists[0][0][0, 2] == _lora_like(3)[0][0][0, 2].double()  # the -1.0 entry lost the fp64 tie-break
+
+
 def test_torch_backend_strided_gradients_and_moments():
     lists = _lora_like(2)
     lists[1] = [g.t().contiguous().t() for g in lists[1]]  # same values, column-major storage

@@ -76,6 +76,8 @@ SAMPLED_MAX_SHARE = 1 / 4
 STACK_GATHER_NUMEL = 8192
 # Devices with torch's fused multi-tensor AdamW kernel (the dense path); others run the reference.
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+# Gradient dtypes whose CPU selection runs in NumPy (bf16 has no NumPy dtype; fp16 |g| is compared in fp32).
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 # --- the reference ------------------------------------------------------------------------------------------------
@@ -83,12 +85,13 @@ _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def density_threshold(grad: torch.Tensor, density: float) -> torch.Tensor:
     """The k-th largest |grad| (a 0-d tensor; +inf for an empty tensor) with k = ``topk_count(numel, density)``,
-    NaN ranking above every number."""
+    NaN ranking above every number; compared in fp32 (fp64 for fp64 gradients, whose ties below fp32's precision
+    would otherwise select more than k entries)."""
     flat = grad.detach().reshape(-1).abs()
     k = topk_count(flat.numel(), density)
     if k == 0:
         return torch.full((), math.inf, dtype=flat.dtype, device=flat.device)
-    return torch.kthvalue(flat.float(), flat.numel() - k + 1).values.to(flat.dtype)
+    return torch.kthvalue(flat.to(_acc_dtype(flat)), flat.numel() - k + 1).values.to(flat.dtype)
 
 
 def selection_mask(
@@ -209,7 +212,7 @@ def _sample_positions(numel: int, size: int) -> np.ndarray:
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """(rows,) the k-th largest entry of each row of a 2-D tensor (NaN ranks largest), in the tensor's dtype."""
-    return torch.kthvalue(values.float(), values.shape[1] - k + 1, dim=1).values.to(values.dtype)
+    return torch.kthvalue(values.to(_acc_dtype(values)), values.shape[1] - k + 1, dim=1).values.to(values.dtype)
 
 
 def _exact_top_entries(magnitude: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +262,26 @@ def _top_entries(magnitude: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return _exact_top_entries(magnitude, k)
 
 
+def _numpy_chunk_pick(grads: Sequence[torch.Tensor], chunk: list[int], n: int, k: int) -> _Pick:
+    """The pick of a chunk of same-shape fp32/fp64 CPU gradients, in NumPy: each gradient's |g| is written straight
+    into its row of a reused (rows, n) buffer (one read of g, no stacked copy of it), and the signed gradient is read
+    back at the selected entries only. NumPy runs single-threaded: torch's two-thread ``stack`` and ``abs`` on a
+    1 MB chunk cost two OpenMP regions each, and on the 2-core CPU shared with other work a region waits for a
+    descheduled thread (up to 10 ms, measured) where the copy itself takes 30-100 us."""
+    dtype = grads[chunk[0]].dtype
+    magnitude = _scratch("magnitude", (len(chunk), n), dtype)
+    rows = magnitude.numpy()
+    flats = [grads[i].detach().numpy().reshape(-1) for i in chunk]  # a copy only for a non-contiguous gradient
+    for j, flat in enumerate(flats):
+        np.abs(flat, out=rows[j])
+    row, col = _top_entries(magnitude, k)
+    counts = np.bincount(row.numpy(), minlength=len(chunk))
+    cols = np.split(col.numpy(), np.cumsum(counts[:-1]))
+    signed = np.concatenate([flat[c] for flat, c in zip(flats, cols)])
+    stacked_index = row * n + col
+    return _Pick(chunk, n, stacked_index, col, counts.tolist(), torch.from_numpy(signed))
+
+
 def _density_picks(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], density: float) -> tuple[list, list]:
     """(tensors updated whole, picks) for the density rule; chunks of same-shape tensors share one pick."""
     whole: list[int] = []
@@ -276,15 +299,11 @@ def _density_picks(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         per_chunk = max(1, CHUNK_ENTRIES // n)
         for start in range(0, len(members), per_chunk):
             chunk = members[start : start + per_chunk]
-            stacked = [grads[i] for i in chunk]
-            if grads[chunk[0]].device.type == "cpu":
-                signed = torch.stack(stacked, out=_scratch("grad", (len(chunk), *shape), grads[chunk[0]].dtype))
-                signed = signed.view(len(chunk), n)
-                magnitude = torch.abs(signed, out=_scratch("magnitude", signed.shape, signed.dtype))
-            else:
-                signed = torch.stack(stacked).view(len(chunk), n)
-                magnitude = signed.abs()
-            row, col = _top_entries(magnitude, k)
+            if grads[chunk[0]].device.type == "cpu" and grads[chunk[0]].dtype in _NUMPY_DTYPES:
+                picks.append(_numpy_chunk_pick(grads, chunk, n, k))
+                continue
+            signed = torch.stack([grads[i] for i in chunk]).view(len(chunk), n)
+            row, col = _top_entries(signed.abs(), k)
             counts = torch.bincount(row, minlength=len(chunk)).tolist()
             stacked_index = row * n + col  # 1-D gathers: 2-D advanced indexing costs ~5x more per entry on CPU
             picks.append(_Pick(chunk, n, stacked_index, col, counts, torch.take(signed, stacked_index)))
