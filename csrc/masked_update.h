@@ -23,14 +23,17 @@ enum class SelectKind : int64_t {
 struct MaskedTensorEntry {
   int64_t param, grad, state0, state1;  // addresses; state0 = exp_avg or momentum buffer (0: none), state1 = exp_avg_sq
   int64_t select;                       // byte mask or index list address (by select_kind)
-  int64_t numel;
-  int64_t select_len;      // kIndexList: number of indices
-  int64_t chunk_begin;     // first chunk of this tensor
-  int64_t topk;            // kDensity: k >= 1
-  int64_t scratch_offset;  // kIndexList: byte offset of this tensor's dense mask in the scratch area (16-aligned)
-  int64_t param_dtype, grad_dtype, state0_dtype, state1_dtype;  // DType codes
-  int64_t select_kind;     // SelectKind
-  int64_t vec_ok;          // param, grad, states 16-byte aligned and the byte mask 4-byte aligned: 4-wide path
+  int64_t numel;                        // at most 2^31 - 1 (the select counts in 32 bits)
+  int64_t select_len;                   // kIndexList: number of indices
+  int64_t chunk_begin;                  // first chunk of this tensor
+  int64_t topk;                         // kDensity: k >= 1
+  int64_t scratch_offset;  // bytes into the scratch area: kIndexList its dense mask, kDensity its candidate list
+  int64_t dtypes;          // DType codes: param | grad << 8 | state0 << 16 | state1 << 24
+  int64_t candidate_capacity;     // kDensity: entries its candidate list holds, a multiple of chunk_elems (else 0)
+  int64_t candidate_chunk_begin;  // first candidate chunk of this tensor (non-decreasing over the table)
+  int64_t reserved;
+  int64_t select_kind;  // SelectKind
+  int64_t vec_ok;       // param, grad, states 16-byte aligned and the byte mask 4-byte aligned: the vector paths
 };
 static_assert(sizeof(MaskedTensorEntry) == 16 * sizeof(int64_t), "table rows are 16 int64 words");
 
@@ -39,7 +42,7 @@ struct MaskedLaunch {
   int64_t num_tensors, total_chunks, chunk_elems;
   bool has_index_lists, has_density;
   void* workspace;                  // device, masked_update_workspace_size(num_tensors, scratch_bytes) bytes
-  int64_t scratch_bytes;            // total dense-mask bytes of the index-list tensors
+  int64_t scratch_bytes;            // index-list masks and candidate lists (8 bytes per candidate entry)
 };
 
 // Bias correction: from `step` on the device (float64 1-element tensor) when step_ptr is not null, else from `step`.
@@ -52,7 +55,7 @@ struct SgdScalars {
   double lr, momentum, weight_decay;
 };
 
-// Bytes of device workspace a launch needs (radix-select state and histograms, then the index-list scratch).
+// Bytes of device workspace a launch needs (select state and histograms, then the scratch area).
 int64_t masked_update_workspace_size(int64_t num_tensors, int64_t scratch_bytes);
 
 // Per selected entry: p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;

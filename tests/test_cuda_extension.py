@@ -103,9 +103,9 @@ def test_size_helpers_need_no_device():
     # similarity: 3 partial sums per (row, chunk) plus 2 norms per (row, layer)
     assert C.similarity_workspace_size(4, 3, 10, False) == 4 * 10 * 3 + 2 * 4 * 3
     assert C.similarity_workspace_size(4, 3, 10, True) == 10 * 3 + 2 * 3
-    # masked update: 16 bytes of select state and 2048 4-byte bins per tensor (each part 256-aligned), then scratch
-    assert C.masked_update_workspace_size(1, 0) == 256 + 8192
-    assert C.masked_update_workspace_size(3, 100) == 256 + 3 * 8192 + 256
+    # masked update: 16 bytes of select state and 512 4-byte bins per tensor (each part 256-aligned), then scratch
+    assert C.masked_update_workspace_size(1, 0) == 256 + 2048
+    assert C.masked_update_workspace_size(3, 100) == 256 + 3 * 2048 + 256
     # LoRA (bf16 = code 2), 132 SMs: nothing for an empty batch; 16 rows x 640 columns are one m tile, which the
     # shrink splits into all 10 K tiles of 64 (it wants 4 x 132 blocks): 10 slabs of 16 x 4 partial sums of u
     assert C.lora_forward_workspace_size(0, 64, 64, 4, 2, 132) == 0

@@ -158,6 +158,44 @@ def test_radix_select_finds_the_exact_threshold(dtype):
     check_radix_select(dtype)
 
 
+def check_candidate_lists(device=DEVICE):
+    """The select's candidate lists: a normal-like tensor whose first-digit bin fills two list chunks (at ρ = 0.3),
+    one whose |g| all share one bin so that its list overflows and the gradient is read again, NaN gradients
+    (ranked above every number, always selected). Thresholds bit for bit, the update against the reference."""
+    gen = torch.Generator().manual_seed(11)
+    grads = [
+        torch.randn(40000, generator=gen),
+        1.0 + 0.4 * torch.rand(10000, generator=gen),  # one first-digit bin: 10000 candidates, a 4096-entry list
+        torch.randn(5000, generator=gen),
+    ]
+    grads[2][[0, 17, 4999]] = float("nan")
+    assert cuda_masked_update._candidate_capacity(grads[1].numel()) < grads[1].numel()
+    grads = [g.to(device) for g in grads]
+    for density in (0.01, 0.3):
+        got = cuda_masked_update.density_thresholds(grads, density).cpu()
+        want = torch.stack([density_threshold_ref(g, density).float() for g in grads]).cpu()
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), f"density {density}: {got} != {want}"
+        params = [torch.randn(g.shape, generator=gen).to(device) for g in grads]
+        m = [torch.rand(g.shape, generator=gen).to(device) * 0.1 for g in grads]
+        v = [torch.rand(g.shape, generator=gen).to(device) * 0.1 for g in grads]
+        selected = [selection_mask(p, g, None, density) for p, g in zip(params, grads)]
+        ref = [[t.double() for t in group] for group in (params, grads, m, v)]
+        masked_adamw_ref_(*ref, 4, lr=0.1, weight_decay=0.05, density=density)
+        out = _clone(params, grads, m, v)
+        with use_backend("cuda"):
+            masked_adamw_(*out, 4, lr=0.1, weight_decay=0.05, density=density)
+        for name, k, before in (("param", 0, params), ("exp_avg", 2, m), ("exp_avg_sq", 3, v)):
+            for i in range(len(grads)):
+                assert torch.equal(out[k][i].isnan().cpu(), ref[k][i].isnan().cpu()), f"{name}[{i}]: NaN entries"
+                got_i, want_i = out[k][i].nan_to_num(), ref[k][i].nan_to_num()
+                assert_close_to_ref(f"{density} {name}[{i}]", got_i, want_i, dtype=torch.float32)
+            _assert_untouched(name, before, out[k], selected)
+
+
+def test_candidate_lists_overflow_and_nan():
+    check_candidate_lists()
+
+
 # Tensor sizes with every remainder modulo the 4-entry group, around the 4096-entry chunk.
 GUARDED_SIZES = [1, 2, 3, 4, 5, 6, 7, 4093, 4094, 4095, 4096, 4097, 8191]
 

@@ -155,7 +155,17 @@ def test_triton_masked_update_launches_run_inside_the_guard(recorder, monkeypatc
     masked_update.masked_adamw_(params, grads, *moments, 1, lr=0.1, density=0.3)
     masked_update.masked_sgd_(params, grads, moments[0], lr=0.1, momentum=0.9, masks=[torch.tensor([1, 5]), None])
     masked_update.density_thresholds(grads, 0.5)
-    recorder.check({"_radix_pass_kernel", "_masked_adamw_kernel", "_index_mask_kernel", "_masked_sgd_kernel"})
+    recorder.check(
+        {
+            "_radix_pass_kernel",
+            "_masked_adamw_kernel",
+            "_index_mask_kernel",
+            "_masked_sgd_kernel",
+            "_candidate_pass_kernel",
+            "_candidate_update_kernel",
+            "_digit_compaction_kernel",
+        }
+    )
 
 
 # --- CUDA launchers -----------------------------------------------------------------------------------------------

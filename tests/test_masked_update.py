@@ -176,6 +176,166 @@ def test_masked_adamw_mixed_dtypes_in_one_call(backend):
             assert_close_to_ref(f"tensor {i}", got, want, dtype=got.dtype)
 
 
+# --- the torch backend's batched paths ---------------------------------------------------------------------------
+
+
+def _lora_like(seed: int, dtype=torch.float32) -> list[list[torch.Tensor]]:
+    """params, grads, exp_avgs, exp_avg_sqs of a 3-layer LoRA model (r = 4; A (4, 96), B (80, 4) and (96, 4)): the
+    shapes repeat across layers, so the torch backend stacks them into chunks of rows."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [s for _ in range(3) for s in ((4, 96), (80, 4), (4, 96), (96, 4), (4, 300), (96, 4))]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    # Per-tensor scales over three orders of magnitude: a shared threshold would be wrong for most of them.
+    grads = [(torch.randn(s, generator=gen) * 10.0 ** (i % 4 - 2)).to(dtype) for i, s in enumerate(shapes)]
+    exp_avgs = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
+    exp_avg_sqs = [torch.rand(s, generator=gen) * 1e-4 for s in shapes]
+    return [params, grads, exp_avgs, exp_avg_sqs]
+
+
+def _assert_torch_backend_matches_reference(lists, step=7, **selection) -> None:
+    """The torch backend against the reference run in the same precision: the selection must be the same set of
+    entries, unselected bits unchanged, and (sparse path) the selected entries bitwise the reference's."""
+    ref = [[t.clone() for t in ts] for ts in lists]
+    before = [[t.clone() for t in ts] for ts in lists]
+    kwargs = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **selection)
+    ops.masked_adamw_ref_(*ref, step, **kwargs)
+    with treelora.use_backend("torch"):
+        ops.masked_adamw_(*lists, step, **kwargs)
+    for name, got, want, old in zip(("param", "grad", "exp_avg", "exp_avg_sq"), lists, ref, before):
+        for i, (g, w, o) in enumerate(zip(got, want, old)):
+            moved_ref, moved = _bits(w) != _bits(o), _bits(g) != _bits(o)
+            assert torch.equal(moved, moved_ref), f"{name}[{i}]: the backend moved other entries than the reference"
+            assert torch.equal(_bits(g), _bits(w)), f"{name}[{i}] differs in bits"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t``, flat (NaN payloads and signed zeros compare exactly)."""
+    return t.contiguous().view(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("density", [0.003, 0.01, 0.05, 0.2, 0.3])
+@pytest.mark.parametrize("chunk_entries", [64, 1 << 18], ids=["chunks-of-one-or-two-rows", "one-chunk-per-shape"])
+def test_torch_backend_selects_and_updates_like_the_reference(monkeypatch, density, chunk_entries):
+    """Sparse densities: the sampled bound (k up to a quarter of the row) and the exact path (ρ = 0.3), with the
+    same-shape tensors stacked into one chunk or cut into many."""
+    from treelora.kernels.torch import masked_update as torch_backend
+
+    monkeypatch.setattr(torch_backend, "CHUNK_ENTRIES", chunk_entries)
+    _assert_torch_backend_matches_reference(_lora_like(0), density=density)
+
+
+def test_torch_backend_bf16_gradients_and_moments_in_another_dtype():
+    lists = _lora_like(1, dtype=torch.bfloat16)
+    lists[2] = [t.half() for t in lists[2]]
+    _assert_torch_backend_matches_reference(lists, density=0.02)
+
+
+def test_torch_backend_fp64_sparse_step():
+    """fp64 gradients take the NumPy selection in their own precision: the 2nd and 3rd largest |g| of the first
+    tensor differ only below fp32's precision, and k = 2 keeps exactly one of them."""
+    lists = [[t.double() for t in ts] for ts in _lora_like(3)]
+    lists[1][0].mul_(1e-3)
+    lists[1][0][0, :3] = torch.tensor([2.0, 1.0 + 2**-40, -1.0], dtype=torch.float64)
+    _assert_torch_backend_matches_reference(lists, density=0.005)
+    assert lists[0][0][0, 2] == _lora_like(3)[0][0][0, 2].double()  # the -1.0 entry lost the fp64 tie-break
+
+
+def test_torch_backend_strided_gradients_and_moments():
+    lists = _lora_like(2)
+    lists[1] = [g.t().contiguous().t() for g in lists[1]]  # same values, column-major storage
+    lists[3] = [v.t().contiguous().t() for v in lists[3]]
+    _assert_torch_backend_matches_reference(lists, density=0.02)
+
+
+def test_torch_backend_redoes_a_chunk_exactly_when_the_sample_misleads_the_bound(monkeypatch):
+    """Large |g| exactly at the sampled positions: the bound lands above all but a few entries, fewer than k are
+    candidates, and the chunk is redone by the exact path, which must still select the true top k."""
+    from treelora.kernels.torch import masked_update as torch_backend
+
+    n, k = 4096, 41  # density 0.01
+    positions = torch.from_numpy(
+        torch_backend._sample_positions(n, min(torch_backend.SAMPLE, n // torch_backend.SAMPLE_STRIDE))
+    )
+    gen = torch.Generator().manual_seed(3)
+    grads = []
+    for _ in range(3):
+        g = torch.rand(n, generator=gen)
+        g[positions] += 100.0  # only the sampled entries are huge: the bound keeps fewer than k candidates
+        grads.append(g.view(64, 64))
+    assert positions.numel() > k
+    grads[1].view(-1)[positions[k // 2 :]] -= 100.0  # a row whose sample is representative, in the same chunk
+    exact_calls = []
+    exact = torch_backend._exact_top_entries
+    monkeypatch.setattr(torch_backend, "_exact_top_entries", lambda m, kk: exact_calls.append(m.shape) or exact(m, kk))
+    params = [torch.randn(64, 64, generator=gen) for _ in grads]
+    lists = [params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]]
+    _assert_torch_backend_matches_reference(lists, density=0.01)
+    assert exact_calls, "the misleading sample did not trigger the exact path"
+
+
+def test_torch_backend_nan_gradients_follow_the_rule():
+    """NaN ranks above every number and is always selected (also where k NaNs fill the whole top k)."""
+    lists = _lora_like(4)
+    lists[1][0].view(-1)[[3, 50, 70]] = float("nan")  # a few NaNs: the k-th largest is a number
+    lists[1][6].view(-1)[:] = float("nan")  # every entry NaN: the threshold is NaN
+    lists[1][7].view(-1)[::2] = float("nan")  # NaNs fill more than the top k
+    _assert_torch_backend_matches_reference(lists, density=0.02)
+    dense, ref = _lora_like(4), _lora_like(4)
+    for ts in (dense, ref):
+        ts[1][0].view(-1)[[3, 50]] = float("nan")
+    with treelora.use_backend("torch"):
+        ops.masked_adamw_(*dense, 7, lr=LR, density=1.0)
+    ops.masked_adamw_ref_(*ref, 7, lr=LR, density=1.0)
+    for got, want in zip(dense[0], ref[0]):  # ρ = 1 is the dense step: every NaN gradient reaches its parameter
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got[~got.isnan()], want[~want.isnan()], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("step_kind", ["int", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_torch_backend_dense_step_is_torch_fused_adamw(dtype, step_kind):
+    """No selection runs torch's fused AdamW kernel: for fp32 the result equals ``torch.optim.AdamW(fused=True)`` on
+    the same tensors, and every dtype matches the float64 reference within the tolerance rule."""
+    params, grads, exp_avgs, exp_avg_sqs = _lora_like(5)
+    params = [p.to(dtype) for p in params]
+    grads = [g.to(dtype) for g in grads]
+    ref64 = [[t.double() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    leaves = [torch.nn.Parameter(p.clone()) for p in params]
+    for leaf, g in zip(leaves, grads):
+        leaf.grad = g.clone()
+    opt = torch.optim.AdamW(leaves, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    for leaf, m, v in zip(leaves, exp_avgs, exp_avg_sqs):
+        opt.state[leaf] = {"step": torch.tensor(6.0), "exp_avg": m.clone().to(dtype), "exp_avg_sq": v.clone().to(dtype)}
+    opt.step()
+    step = 7 if step_kind == "int" else torch.tensor(7)
+    with treelora.use_backend("torch"):
+        ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, step, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    ops.masked_adamw_ref_(*ref64, 7, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    for i, (p, leaf) in enumerate(zip(params, leaves)):
+        if dtype == torch.float32:  # the case where torch's optimizer holds the same dtypes as these lists
+            assert torch.equal(p, leaf.detach()), f"params[{i}] differs from torch.optim.AdamW(fused=True)"
+        assert_close_to_ref(f"params[{i}]", p, ref64[0][i], dtype=dtype)
+        assert_close_to_ref(f"exp_avgs[{i}]", exp_avgs[i], ref64[2][i], dtype=torch.float32)
+        assert_close_to_ref(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], ref64[3][i], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("density", [None, 0.02], ids=["dense", "density-0.02"])
+def test_torch_backend_sgd_matches_the_reference_in_the_same_precision(density, momentum):
+    params, grads, buffers, _ = _lora_like(6)
+    ref = [[t.clone() for t in ts] for ts in (params, grads, buffers)]
+    kwargs = dict(lr=LR, momentum=momentum, weight_decay=WD, density=density)
+    ops.masked_sgd_ref_(ref[0], ref[1], ref[2] if momentum else None, **kwargs)
+    with treelora.use_backend("torch"):
+        ops.masked_sgd_(params, grads, buffers if momentum else None, **kwargs)
+    for name, got, want in (("param", params, ref[0]), ("buffer", buffers, ref[2])):
+        for i, (g, w) in enumerate(zip(got, want)):
+            if density is None:
+                assert_close_to_ref(f"{name}[{i}]", g, w.double(), dtype=torch.float32)
+            else:
+                assert torch.equal(g, w), f"{name}[{i}] differs from the reference"
+
+
 # --- the Triton radix select -----------------------------------------------------------------------------------
 
 
@@ -205,6 +365,98 @@ def test_triton_radix_select_finds_the_exact_kth_largest_magnitude(density):
         got = density_thresholds(grads, density)
         want = torch.stack([density_threshold_ref(g, density).float() for g in grads])
         assert torch.equal(got.cpu(), want.cpu()), f"{dtype}: {got.tolist()} != {want.tolist()}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("share", [2, 64], ids=["lists-of-many-blocks", "lists-overflow"])
+def test_triton_select_compacts_candidates_and_rereads_a_tensor_whose_list_overflows(monkeypatch, share):
+    """64-entry blocks: a list of capacity numel / 2 spans many blocks (many programs per tensor in steps 3-4); with
+    numel / 64 the candidates of a narrow |g| (all in one or two first-digit bins) overflow it, and steps 3-4 must
+    read the gradient again. Thresholds and the update must match the reference either way, NaN included."""
+    from treelora.kernels.triton import masked_update as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK", 64)
+    monkeypatch.setattr(kernels, "CANDIDATE_SHARE", share)
+    kernels._candidate_layout.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(7)
+        grads = [
+            torch.randn(3000, generator=gen),
+            1.0 + 0.3 * torch.rand(2500, generator=gen),  # |g| in [1, 1.3): one first-digit bin holds every entry
+            torch.randint(-3, 4, (1999,), generator=gen).float(),  # ties
+            torch.randn(700, generator=gen) * torch.logspace(-12, 12, 700),  # g * g stays inside fp32
+        ]
+        grads[0][[5, 1000, 2999]] = float("nan")
+        grads = [g.to(DEVICE) for g in grads]
+        capacities = [kernels._capacity(g.numel()) for g in grads]
+        assert capacities[1] < grads[1].numel()  # every entry of the narrow tensor is a candidate: its list overflows
+        if share == 2:  # the ties at ρ = 0.3 (about 570 entries with |g| = 2) fill 9 blocks of a 1024-entry list
+            assert capacities[2] == 1024
+        else:
+            assert max(capacities) == 64  # every list overflows at ρ = 0.3
+        for density in (0.01, 0.3):
+            got = kernels.density_thresholds(grads, density)
+            want = torch.stack([density_threshold_ref(g, density).float() for g in grads])
+            assert torch.equal(got.cpu().view(torch.int32), want.cpu().view(torch.int32)), f"{got} != {want}"
+            params = [torch.randn(g.shape, generator=gen).to(DEVICE) for g in grads]
+            moments = [[torch.rand(g.shape, generator=gen).to(DEVICE) * 0.1 for g in grads] for _ in range(2)]
+            old = [[t.clone() for t in ts] for ts in (params, *moments)]
+            ref64 = [[t.double() for t in ts] for ts in (params, grads, *moments)]
+            kwargs = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, density=density)
+            ops.masked_adamw_ref_(*ref64, 3, **kwargs)
+            kernels.masked_adamw_(params, grads, *moments, 3, **kwargs)
+            selected = [selection_mask(p, g, None, density) for p, g in zip(params, grads)]
+            states = zip(("param", "exp_avg", "exp_avg_sq"), (params, *moments), old, (ref64[0], *ref64[2:]))
+            for name, new, before, want in states:
+                # The NaN gradients make NaN entries: those must be the same entries, then compare the rest.
+                assert all(torch.equal(t.isnan().cpu(), w.isnan()) for t, w in zip(new, want)), name
+                finite = [[t.nan_to_num() for t in ts] for ts in (new, before, want)]
+                _check_entrywise(f"{density} {name}", *finite, selected)
+    finally:
+        kernels._candidate_layout.cache_clear()
+
+
+def _masked_update_specs():
+    if INTERPRET:
+        return []
+    from treelora.kernels.triton.compile_specs import masked_update_specs
+
+    return masked_update_specs()
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("capability, aligned", [(80, True), (90, True)], ids=["sm_80-aligned", "sm_90-aligned"])
+@pytest.mark.parametrize("spec", _masked_update_specs(), ids=lambda s: s.name)
+def test_triton_masked_update_kernels_compile_without_spills(spec, capability, aligned):
+    """Every step of the select and every update compiles to cubins without local memory (spills) or stack."""
+    from tests.test_similarity import cubin_resources
+    from treelora.kernels.triton.compile_specs import compile_for_target
+
+    usage = cubin_resources(compile_for_target(spec, capability, aligned=aligned).asm["cubin"])
+    print(f"{spec.name} sm_{capability}: {usage}")
+    assert usage["local"] == 0 and usage["stack"] == 0, usage
+
+
+@pytest.mark.requires_cuda_ext
+def test_cuda_masked_update_kernels_use_no_local_memory():
+    """Every masked-update kernel of the built extension, for every architecture it holds: no stack and no local
+    memory, i.e. no spills (cuobjdump -res-usage, no GPU needed)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    from treelora import _cpp_lib
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(tool), "-res-usage", _cpp_lib.module.__file__], capture_output=True, text=True).stdout
+    found = re.findall(r"Function (\S*masked_update_cu\S*):\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    kernels = {name for name, *_ in found}
+    print("\n".join(f"{n[-60:]}: REG {r} STACK {st} LOCAL {lo}" for n, r, st, lo in found))
+    assert len(kernels) >= 10, f"expected the masked-update kernels in the extension, found {sorted(kernels)}"
+    assert all(st == "0" and lo == "0" for _, _, st, lo in found), "a masked-update kernel uses local memory"
 
 
 # --- torch.library registration ------------------------------------------------------------------------------------

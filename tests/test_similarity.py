@@ -196,6 +196,49 @@ def test_triton_backend_declines_float64_with_a_reason():
         ops.pairwise_similarity(query.to(DEVICE), bank.to(DEVICE), "dot")
 
 
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers, stack, shared and local memory of every kernel in a cubin (the largest of each), read with the
+    cuobjdump that ships with triton. Local memory is where spilled registers go: 0 means no spills."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    assert found, text
+    return {key: max(int(f[i]) for f in found) for i, key in enumerate(("registers", "stack", "shared", "local"))}
+
+
+def _similarity_specs():
+    if INTERPRET:
+        return []
+    from treelora.kernels.triton.compile_specs import similarity_specs
+
+    return similarity_specs()
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize(
+    "capability, aligned", [(80, False), (80, True), (90, True)], ids=["sm_80", "sm_80-aligned", "sm_90-aligned"]
+)
+@pytest.mark.parametrize("spec", _similarity_specs(), ids=lambda s: s.name)
+def test_triton_similarity_kernels_compile_without_spills(spec, capability, aligned):
+    """The wide tiles that keep more bytes in flight must not cost spills (local memory) or stack on sm_80 / sm_90."""
+    from treelora.kernels.triton.compile_specs import compile_for_target
+
+    usage = cubin_resources(compile_for_target(spec, capability, aligned=aligned).asm["cubin"])
+    print(f"{spec.name} sm_{capability}{' aligned' if aligned else ''}: {usage}")
+    assert usage["local"] == 0 and usage["stack"] == 0, usage
+    assert usage["registers"] <= 128, usage  # keeps 2 programs of 256 threads resident per SM
+
+
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
 

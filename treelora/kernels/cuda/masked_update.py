@@ -1,14 +1,16 @@
 """The ``cuda`` backend of the sparse masked optimizer steps: launchers of the CUDA C++ multi-tensor kernels in
-``treelora._C`` (csrc/masked_update.cu) and the backend's entry points (``masked_adamw_``, ``masked_sgd_`` and their
-``*_not_supported_reasons``, on the arguments of the ops in treelora/ops/masked_update.py).
+``treelora._C`` (csrc/masked_update.cu, which describes the pipeline and its byte and launch model) and the backend's
+entry points (``masked_adamw_``, ``masked_sgd_`` and their ``*_not_supported_reasons``, on the arguments of the ops in
+treelora/ops/masked_update.py).
 
 The kernels read one row of 16 int64 words per tensor from a device table (addresses, sizes, dtypes, the selection
-kind). The table is built here from the tensor lists and cached by everything it contains, so a training loop that
-passes the same tensors (and masks) every step pays for one host-to-device copy in total; a new mask tensor gives a
-new table. Each call then queues a fixed number of launches whatever the number of tensors, with no host
-synchronisation (the step may be a device tensor), inside :func:`treelora.kernels.env.device_guard` of the parameters'
-device. A ``density`` becomes the per-tensor count ``topk_count(numel, density)`` in the table (the kernels select
-the k largest |grad| of each tensor).
+kind, the place and size of its candidate list). The table is built here from the tensor lists and cached by
+everything it contains, so a training loop that passes the same tensors (and masks) every step pays for one
+host-to-device copy in total; a new mask tensor gives a new table. Each call then queues a fixed number of launches
+whatever the number of tensors, with no host synchronisation (the step may be a device tensor), inside
+:func:`treelora.kernels.env.device_guard` of the parameters' device. A ``density`` becomes the per-tensor count
+``topk_count(numel, density)`` in the table (the kernels select the k largest |grad| of each tensor) and a candidate
+list of ``numel / CANDIDATE_SHARE`` entries (8 bytes each) in the workspace.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from treelora.kernels.cuda import common as cc
 
 # Elements per chunk (one block at a time): 256 threads x 4 entries x 4 steps. 40M parameters make ~10K chunks.
 CHUNK_ELEMS = 4096
+# A density tensor's candidate list holds numel / CANDIDATE_SHARE entries rounded up to whole chunks: 1 byte of
+# workspace per parameter, room for the 2-9% of a normal-like |grad| that share the threshold's first-digit bin.
+CANDIDATE_SHARE = 8
+# The select counts and ranks entries in 32 bits.
+MAX_NUMEL = 2**31 - 1
 # Selection kinds, as in csrc/masked_update.h (SelectKind).
 SELECT_ALL, SELECT_BYTE_MASK, SELECT_INDEX_LIST, SELECT_DENSITY = 0, 1, 2, 3
 TABLE_WORDS = 16
@@ -64,10 +71,15 @@ def _describe(params, grads, state0, state1, masks, topk, full_selects_all) -> t
     return tuple(rows)
 
 
+def _candidate_capacity(numel: int) -> int:
+    return max(1, -(-numel // (CANDIDATE_SHARE * CHUNK_ELEMS))) * CHUNK_ELEMS
+
+
 def _build_table(params, grads, state0, state1, masks, topk, full_selects_all) -> tuple[torch.Tensor, dict]:
     words = []
     chunk = 0
-    scratch = 0
+    candidate_chunk = 0
+    rows = []
     has_index = has_density = False
     for i, p in enumerate(params):
         g = grads[i]
@@ -75,17 +87,18 @@ def _build_table(params, grads, state0, state1, masks, topk, full_selects_all) -
         s1 = state1[i] if state1 is not None else None
         mask = masks[i] if masks is not None else None
         numel = p.numel()
-        kind, select, select_len, scratch_offset, k = SELECT_ALL, 0, 0, 0, 0
+        kind, select, select_len, k, capacity = SELECT_ALL, 0, 0, 0, 0
         if topk is not None and 0 < topk[i] and (topk[i] < numel or not full_selects_all):
-            kind, k = SELECT_DENSITY, topk[i]
+            kind, k, capacity = SELECT_DENSITY, topk[i], _candidate_capacity(numel)
             has_density = True
         elif mask is not None and mask.dtype in (torch.bool, torch.uint8):
             kind, select = SELECT_BYTE_MASK, mask.data_ptr()
         elif mask is not None:
-            kind, select, select_len, scratch_offset = SELECT_INDEX_LIST, mask.data_ptr(), mask.numel(), scratch
-            scratch += -(-numel // 16) * 16  # keep every tensor's dense mask 16-byte aligned
+            kind, select, select_len = SELECT_INDEX_LIST, mask.data_ptr(), mask.numel()
             has_index = True
         vec_ok = all(cc.aligned(t) for t in (p, g, s0, s1)) and (kind != SELECT_BYTE_MASK or cc.aligned(mask, 4))
+        dtypes = _dtype(p) | _dtype(g) << 8 | _dtype(s0) << 16 | _dtype(s1) << 24
+        rows.append((kind, numel, capacity))
         words.append(
             [
                 p.data_ptr(),
@@ -97,16 +110,26 @@ def _build_table(params, grads, state0, state1, masks, topk, full_selects_all) -
                 select_len,
                 chunk,
                 k,
-                scratch_offset,
-                _dtype(p),
-                _dtype(g),
-                _dtype(s0),
-                _dtype(s1),
+                0,  # scratch_offset, below
+                dtypes,
+                capacity,
+                candidate_chunk,
+                0,
                 kind,
                 int(vec_ok),
             ]
         )
         chunk += -(-numel // CHUNK_ELEMS)
+        candidate_chunk += capacity // CHUNK_ELEMS
+    # Scratch area: the candidate lists (8 bytes per entry), then the index lists' dense masks (16-byte aligned each);
+    # a call has one kind or the other, never both (density and masks exclude each other).
+    scratch = 0
+    for row, (kind, _, capacity) in zip(words, rows):
+        if kind == SELECT_DENSITY:
+            row[9], scratch = scratch, scratch + 8 * capacity
+    for row, (kind, numel, _) in zip(words, rows):
+        if kind == SELECT_INDEX_LIST:
+            row[9], scratch = scratch, scratch + -(-numel // 16) * 16
     table = torch.tensor(words, dtype=torch.int64).to(params[0].device)
     meta = dict(
         num_tensors=len(params),
@@ -224,7 +247,8 @@ def density_thresholds(grads: Sequence[torch.Tensor], density: float) -> torch.T
     grads = _contiguous(grads)
     table, meta = _table(grads, grads, None, None, None, _topk(grads, density), full_selects_all=False)
     out = torch.empty(len(grads), dtype=torch.float32, device=device)
-    workspace = torch.empty(C.masked_update_workspace_size(meta["num_tensors"], 0), dtype=torch.uint8, device=device)
+    size = C.masked_update_workspace_size(meta["num_tensors"], meta["scratch_bytes"])
+    workspace = torch.empty(size, dtype=torch.uint8, device=device)
     with env.device_guard(device):
         C.masked_density_thresholds(
             cc.ptr(table),
@@ -239,8 +263,12 @@ def density_thresholds(grads: Sequence[torch.Tensor], density: float) -> torch.T
 
 
 def _reasons(named: env.Named, states: env.Named) -> list[str]:
-    """Devices and dtypes of every list; contiguity of the optimizer states updated in place."""
+    """Devices, dtypes and sizes of every list; contiguity of the optimizer states updated in place."""
     why = env.cuda_device_reasons(named[:1]) + env.dtype_reasons("CUDA kernels", (*named, *states))
+    for name, tensors in (*named, *states):
+        big = next((i for i, t in enumerate(tensors) if t is not None and t.numel() > MAX_NUMEL), None)
+        if big is not None:
+            why.append(f"{name}[{big}] has {tensors[big].numel()} entries; the CUDA kernels take at most {MAX_NUMEL}")
     for name, tensors in states:
         strided = next((i for i, t in enumerate(tensors) if t is not None and not t.is_contiguous()), None)
         if strided is not None:

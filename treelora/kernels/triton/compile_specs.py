@@ -251,7 +251,12 @@ def _similarity_spec(
         "ACCUMULATE": accumulate,
         "COUNT_ON_DEVICE": count_on_device,
         "ALIGNED": aligned,
-        "BLOCK": similarity.BLOCK,
+        "ROWS": 1 if gather else similarity.FULL_ROWS,
+        "BLOCK": similarity.FULL_BLOCK
+        if not gather
+        else similarity.ACCUMULATE_BLOCK
+        if accumulate
+        else similarity.GATHER_BLOCK,
         "REDUCE_BLOCK": similarity.REDUCE_BLOCK,
     }
     return CompileSpec(name, similarity._similarity_kernel, signature, constexprs, num_warps=similarity.NUM_WARPS)
@@ -285,6 +290,20 @@ def similarity_specs() -> list[CompileSpec]:
 
 
 _TABLES = {"block_tensor_ptr": "*i64", "first_block_ptr": "*i64", "numel_ptr": "*i64"}
+_LISTS = {"state_ptr": "*i32", "keys_ptr": "*i32", "index_ptr": "*i32", "list_base_ptr": "*i64", "capacity_ptr": "*i64"}
+_ADAMW_SCALARS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "one_minus_beta1",
+    "one_minus_beta2",
+    "eps",
+    "decay",
+    "bias_correction1",
+    "bias_correction2",
+    "log_beta1",
+    "log_beta2",
+)
 
 
 def _adamw_spec(
@@ -297,24 +316,9 @@ def _adamw_spec(
         "exp_avg_anchor_ptr": "*fp32",
         "exp_avg_sq_anchor_ptr": "*fp32",
         **_TABLES,
-        "state_ptr": "*i32",
+        **_LISTS,
         "step_ptr": "*fp32",
-        **{
-            a: "fp32"
-            for a in (
-                "lr",
-                "beta1",
-                "beta2",
-                "one_minus_beta1",
-                "one_minus_beta2",
-                "eps",
-                "decay",
-                "bias_correction1",
-                "bias_correction2",
-                "log_beta1",
-                "log_beta2",
-            )
-        },
+        **{a: "fp32" for a in _ADAMW_SCALARS},
     }
     constexprs = {
         "SELECT": select,
@@ -322,6 +326,7 @@ def _adamw_spec(
         "STEP_ON_DEVICE": step_on_device,
         "ALIGNED": aligned,
         "BLOCK": masked_update.BLOCK,
+        "FIRST_SHIFT": masked_update.FIRST_DIGIT[0],
     }
     return CompileSpec(
         name, masked_update._masked_adamw_kernel, signature, constexprs, num_warps=masked_update.NUM_WARPS
@@ -335,7 +340,7 @@ def _sgd_spec(name: str, select: int, dense_loads: bool, has_momentum: bool) -> 
         "grad_anchor_ptr": "*fp32",
         "buffer_anchor_ptr": "*fp32",
         **_TABLES,
-        "state_ptr": "*i32",
+        **_LISTS,
         "lr": "fp32",
         "momentum": "fp32",
         "weight_decay": "fp32",
@@ -346,11 +351,12 @@ def _sgd_spec(name: str, select: int, dense_loads: bool, has_momentum: bool) -> 
         "HAS_MOMENTUM": has_momentum,
         "ALIGNED": True,
         "BLOCK": masked_update.BLOCK,
+        "FIRST_SHIFT": masked_update.FIRST_DIGIT[0],
     }
     return CompileSpec(name, masked_update._masked_sgd_kernel, signature, constexprs, num_warps=masked_update.NUM_WARPS)
 
 
-def _radix_spec(name: str, grad: str, shift: int, bits: int, first: bool, aligned: bool = True) -> CompileSpec:
+def _radix_spec(name: str, grad: str, aligned: bool = True) -> CompileSpec:
     signature = {
         "table_ptr": "*i64",
         "grad_anchor_ptr": f"*{grad}",
@@ -359,12 +365,12 @@ def _radix_spec(name: str, grad: str, shift: int, bits: int, first: bool, aligne
         "counter_ptr": "*i32",
         "state_ptr": "*i32",
     }
+    shift, bits = masked_update.FIRST_DIGIT
     constexprs = {
-        "TABLE_WIDTH": 5,
+        "TABLE_WIDTH": masked_update.TABLE_WIDTH.value,
         "GRAD_COLUMN": 1,
         "SHIFT": shift,
         "BITS": bits,
-        "FIRST": first,
         "ALIGNED": aligned,
         "BLOCK": masked_update.BLOCK,
         "MAX_BINS": masked_update.MAX_BINS,
@@ -372,22 +378,88 @@ def _radix_spec(name: str, grad: str, shift: int, bits: int, first: bool, aligne
     return CompileSpec(name, masked_update._radix_pass_kernel, signature, constexprs, num_warps=masked_update.NUM_WARPS)
 
 
+def _candidate_pass_spec(name: str, grad: str, shift: int, bits: int) -> CompileSpec:
+    signature = {
+        "table_ptr": "*i64",
+        "grad_anchor_ptr": f"*{grad}",
+        **_TABLES,
+        "state_ptr": "*i32",
+        "keys_ptr": "*i32",
+        "list_base_ptr": "*i64",
+        "capacity_ptr": "*i64",
+        "hist_ptr": "*i32",
+        "counter_ptr": "*i32",
+    }
+    constexprs = {
+        "TABLE_WIDTH": masked_update.TABLE_WIDTH.value,
+        "GRAD_COLUMN": 1,
+        "SHIFT": shift,
+        "BITS": bits,
+        "BLOCK": masked_update.BLOCK,
+        "MAX_BINS": masked_update.MAX_BINS,
+    }
+    return CompileSpec(
+        name, masked_update._candidate_pass_kernel, signature, constexprs, num_warps=masked_update.NUM_WARPS
+    )
+
+
+def _candidate_update_spec(name: str, param: str, rule: int, has_momentum: bool, step_on_device: bool) -> CompileSpec:
+    signature = {
+        "table_ptr": "*i64",
+        "param_anchor_ptr": f"*{param}",
+        "grad_anchor_ptr": f"*{param}",
+        "state0_anchor_ptr": "*fp32",
+        "state1_anchor_ptr": "*fp32",
+        **_TABLES,
+        **_LISTS,
+        "step_ptr": "*fp32",
+        **{a: "fp32" for a in (*_ADAMW_SCALARS, "momentum", "weight_decay")},
+    }
+    constexprs = {
+        "RULE": rule,
+        "HAS_MOMENTUM": has_momentum,
+        "STEP_ON_DEVICE": step_on_device,
+        "BLOCK": masked_update.BLOCK,
+        "FIRST_SHIFT": masked_update.FIRST_DIGIT[0],
+    }
+    return CompileSpec(
+        name,
+        masked_update._candidate_update_kernel,
+        signature,
+        constexprs,
+        num_warps=masked_update.CANDIDATE_UPDATE_WARPS,
+    )
+
+
 def masked_update_specs() -> list[CompileSpec]:
     """The update kernels for every selection mode (sparse and dense loads, host and device step, aligned and not),
-    each radix pass, and the index-list scatter."""
-    selects = (masked_update.SELECT_ALL, masked_update.SELECT_MASK, masked_update.SELECT_THRESHOLD)
-    all_, mask, threshold = (s.value for s in selects)
+    each step of the density select, and the index-list scatter."""
+    selects = (masked_update.SELECT_ALL, masked_update.SELECT_MASK, masked_update.SELECT_DIGIT)
+    all_, mask, digit = (s.value for s in selects)
+    adamw, sgd = masked_update.RULE_ADAMW.value, masked_update.RULE_SGD.value
+    passes = masked_update.CANDIDATE_PASSES
     return [
         _adamw_spec("masked_adamw_all_fp32", "fp32", all_, True),
         _adamw_spec("masked_adamw_all_fp32_unaligned", "fp32", all_, True, aligned=False),
         _adamw_spec("masked_adamw_mask_bf16", "bf16", mask, False),
-        _adamw_spec("masked_adamw_sparse_threshold_device_step", "fp32", threshold, False, step_on_device=True),
-        _adamw_spec("masked_adamw_dense_threshold_fp16", "fp16", threshold, True),
+        _adamw_spec("masked_adamw_sparse_digit_device_step", "fp32", digit, False, step_on_device=True),
+        _adamw_spec("masked_adamw_dense_digit_fp16", "fp16", digit, True),
         _sgd_spec("masked_sgd_momentum_mask", mask, False, True),
-        _sgd_spec("masked_sgd_threshold", threshold, True, False),
-        _radix_spec("radix_pass_first_fp32", "fp32", *masked_update.RADIX_PASSES[0], True),
-        _radix_spec("radix_pass_middle_bf16", "bf16", *masked_update.RADIX_PASSES[1], False),
-        _radix_spec("radix_pass_last_fp16_unaligned", "fp16", *masked_update.RADIX_PASSES[2], False, aligned=False),
+        _sgd_spec("masked_sgd_digit", digit, True, False),
+        _radix_spec("radix_first_digit_fp32", "fp32"),
+        _radix_spec("radix_first_digit_fp16_unaligned", "fp16", aligned=False),
+        _candidate_pass_spec("candidate_pass_1_fp32", "fp32", *passes[0]),
+        _candidate_pass_spec("candidate_pass_2_bf16", "bf16", *passes[1]),
+        _candidate_pass_spec("candidate_pass_3_fp16", "fp16", *passes[2]),
+        _candidate_update_spec("candidate_update_adamw_device_step", "fp32", adamw, False, True),
+        _candidate_update_spec("candidate_update_sgd_momentum_bf16", "bf16", sgd, True, False),
+        CompileSpec(
+            "digit_compaction",
+            masked_update._digit_compaction_kernel,
+            {"table_ptr": "*i64", "grad_anchor_ptr": "*fp32", **_TABLES, **_LISTS},
+            {"ALIGNED": True, "BLOCK": masked_update.BLOCK, "FIRST_SHIFT": masked_update.FIRST_DIGIT[0]},
+            num_warps=masked_update.NUM_WARPS,
+        ),
         CompileSpec(
             "index_mask",
             masked_update._index_mask_kernel,

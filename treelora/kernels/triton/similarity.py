@@ -6,6 +6,24 @@ into chunks of ``chunk`` elements; one program handles one (layer, chunk) pair f
 rows in the full form, row ``index[l]`` in the gathered form), so the query chunk is read from HBM once whatever T
 is. A cached block table maps program ids to layers, so ragged layers of very different widths waste no programs.
 
+Bytes in flight. A memory-bound kernel reaches the copy bandwidth only if enough loads are outstanding to cover the
+memory latency (Little's law): about 3.35 TB/s x 0.7 us = 2.3 MB on an H100 (4.8 TB/s, 3.4 MB on an H200), i.e. 18 KB
+per SM (25 KB on an H200). Each loop iteration issues all of its loads before the first use:
+
+* gathered form: a (1, 4096) tile with 8 warps, 16 elements of q and of g per thread, four 16-byte loads each:
+  128 B per thread, 32 KB per program (fp32); the fused running-mean update, which also reads the new sample and
+  writes the mean, a (1, 2048) tile: 8 elements of q, x and g per thread, 96 B per thread, 24 KB per program;
+* full form: a (4 rows, 1024) tile with 8 warps, 4 elements of q and 4 x 4 of g per thread (q read once for the 4
+  rows): 80 B per thread, 20 KB per program;
+* the previous design, a (1024,) tile with 4 warps and one row at a time: 64 B per thread, 8 KB per program, so
+  more than two programs per SM had to be inside their load phase at any time, while each also spends a dependent
+  chain of metadata loads (block table, layer offsets) and its final ticket outside it.
+
+One program now covers the SM's latency on its own, and chunks of 4 tiles (16K elements gathered, 4K x 4 rows full)
+amortise the metadata chain over 4x the bytes. Compiled for sm_80 and sm_90 every specialisation uses at most 128
+registers and no local memory (no spills; tests/test_similarity.py checks the cubins). Small problems cut the chunk
+so that at least 4 programs per SM exist.
+
 Determinism without a second launch. Each program writes its per-row partial sums to a workspace, then takes a
 ticket from a per-layer arrival counter (an integer atomic, whose result does not depend on timing). The program
 that arrives last sums the layer's partials in chunk order (a fixed order, so results are bitwise reproducible),
@@ -49,13 +67,18 @@ _COMPONENTS = {DOT.value: 1, L1.value: 1, SQEUCLIDEAN.value: 1, COSINE.value: 3,
 EPS = tl.constexpr(SIMILARITY_EPS)  # the clamp of every backend and of the reference
 NAN = tl.constexpr(float("nan"))
 
-# 1024 elements per tile with 4 warps: 8 elements per thread, i.e. two 16-byte loads per fp32 operand (one for bf16).
-BLOCK = 1024
-NUM_WARPS = 4
-# Tiles per program: 4096 elements (16 KB of fp32 per bank row) gives 512 programs at (L, D) = (64, 32768), about
-# four per H100 SM, and 9.8K at the 7B shape (32, 1.25M); the final reduction then sums at most a few hundred
-# partials per layer. Not yet tuned on a GPU.
+# Tiles of one loop iteration (see "Bytes in flight" above): the gathered form reads one bank row, 4096 wide; the full
+# form reads FULL_ROWS bank rows 1024 wide against one read of the query. 8 warps: 16 elements per thread either way.
+GATHER_BLOCK = 4096
+ACCUMULATE_BLOCK = 2048  # the fused running-mean update streams q, x and g and stores q: 3 x 8 elements per thread
+FULL_BLOCK = 1024
+FULL_ROWS = 4
+NUM_WARPS = 8
+# Tiles per program: 16K elements gathered gives 2.5K programs at the 7B shape (L, D) = (32, 1.25M), 19 per H100 SM;
+# the full form at (T, L, D) = (16, 64, 32768) gets 512 programs of 16 rows x 4096. Fewer tiles when that would leave
+# under MIN_PROGRAMS_PER_SM programs per SM. Not yet tuned on a GPU.
 CHUNK_TILES = 4
+MIN_PROGRAMS_PER_SM = 4
 # Partials summed per step by the last program of a layer.
 REDUCE_BLOCK = 128
 
@@ -99,6 +122,7 @@ def _similarity_kernel(
     ACCUMULATE: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr,  # bank rows per tile (1 in the gathered form)
     BLOCK: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
 ):
@@ -128,52 +152,57 @@ def _similarity_kernel(
     if METRIC == L1_NORMALIZED:
         inv_q = 1.0 / tl.maximum(tl.load(norms_ptr + num_rows * num_layers + layer), EPS)
 
-    # Advanced row by row as a 64-bit pointer, so T * S may exceed 2^31 elements.
-    row_base = bank_ptr
-    if GATHER:
-        row_base = bank_ptr + gathered_row * bank_stride
-    for r in range(0, num_rows):
+    lanes = tl.arange(0, ROWS)
+    for r0 in range(0, num_rows, ROWS):
+        rows = r0 + lanes
+        rows_ok = rows < num_rows
+        if GATHER:
+            row_ptrs = bank_ptr + gathered_row * bank_stride + lanes[:, None]  # (1, 1); 64-bit row offset
+        else:
+            row_ptrs = bank_ptr + rows.to(tl.int64)[:, None] * bank_stride  # (ROWS, 1); T * S may exceed 2^31
         if METRIC == L1_NORMALIZED:
-            inv_g = 1.0 / tl.maximum(tl.load(norms_ptr + r * num_layers + layer), EPS)
-        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            row_norms = tl.load(norms_ptr + rows * num_layers + layer, mask=rows_ok, other=1.0)
+            inv_g = (1.0 / tl.maximum(row_norms, EPS))[:, None]
+        acc0 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)  # cosine: g·g
+        acc_q = tl.zeros([BLOCK], dtype=tl.float32)  # sums of the query alone (cosine: q·q, norms: |q|)
         for i in range(0, chunk, BLOCK):
             offs = start + i + cols
             in_layer = offs < hi
             q = tl.load(query_ptr + offs, mask=in_layer, other=0.0).to(tl.float32)
-            if ACCUMULATE:
+            if ACCUMULATE:  # gathered form only: this loop runs once
                 x = tl.load(sample_ptr + offs, mask=in_layer, other=0.0).to(tl.float32)
                 q = q + (x - q) / n_obs
                 tl.store(query_ptr + offs, q, mask=in_layer)
             if GATHER:
-                g = tl.load(row_base + offs, mask=in_layer & row_ok, other=0.0).to(tl.float32)
+                g_mask = (in_layer & row_ok)[None, :]
             else:
-                g = tl.load(row_base + offs, mask=in_layer, other=0.0).to(tl.float32)
+                g_mask = rows_ok[:, None] & in_layer[None, :]
+            g = tl.load(row_ptrs + offs[None, :], mask=g_mask, other=0.0).to(tl.float32)  # (ROWS, BLOCK)
+            qb = q[None, :]
             if METRIC == DOT:
-                acc0 += q * g
+                acc0 += qb * g
             elif METRIC == L1:
-                acc0 += tl.abs(q - g)
+                acc0 += tl.abs(qb - g)
             elif METRIC == SQEUCLIDEAN:
-                d = q - g
+                d = qb - g
                 acc0 += d * d
             elif METRIC == COSINE:
-                acc0 += q * g
-                acc1 += q * q
+                acc0 += qb * g
                 acc2 += g * g
+                acc_q += q * q
             elif METRIC == NORMS:
                 acc0 += tl.abs(g)
-                acc1 += tl.abs(q)
+                acc_q += tl.abs(q)
             else:
-                acc0 += tl.abs(q * inv_q - g * inv_g)
-        slot = partial_ptr + r * num_programs + pid
-        tl.store(slot, tl.sum(acc0, axis=0))
+                acc0 += tl.abs(qb * inv_q - g * inv_g)
+        slots = partial_ptr + rows * num_programs + pid
+        tl.store(slots, tl.sum(acc0, axis=1), mask=rows_ok)
         if METRIC == COSINE or METRIC == NORMS:
-            tl.store(slot + num_rows * num_programs, tl.sum(acc1, axis=0))
+            q_sum = tl.sum(acc_q, axis=0) + tl.zeros([ROWS], dtype=tl.float32)
+            tl.store(slots + num_rows * num_programs, q_sum, mask=rows_ok)
         if METRIC == COSINE:
-            tl.store(slot + 2 * num_rows * num_programs, tl.sum(acc2, axis=0))
-        if not GATHER:
-            row_base += bank_stride
+            tl.store(slots + 2 * num_rows * num_programs, tl.sum(acc2, axis=1), mask=rows_ok)
 
     # Every thread's partial stores happen before the ticket (the barrier), and the ticket is acq_rel at GPU scope,
     # so the last program to arrive sees all of this layer's partials.
@@ -247,6 +276,13 @@ def _flat_layout(query: torch.Tensor, bank: torch.Tensor, offsets: tuple[int, ..
     return query.contiguous(), bank, offsets
 
 
+@functools.lru_cache(maxsize=16)
+def _min_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return MIN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch(query, sample, count, bank, index, offsets, metric, accumulate, chunk_tiles, block):
     query, bank, offsets = _flat_layout(query, bank, offsets)
     if sample is not None:
@@ -258,8 +294,14 @@ def _launch(query, sample, count, bank, index, offsets, metric, accumulate, chun
     out = torch.empty(num_rows, num_layers, dtype=torch.float32, device=device)
     if num_rows == 0:
         return out
-    chunk = block * chunk_tiles
-    offsets_dev, block_layer, first_block, num_programs = _block_table(offsets, chunk, device)
+    block = block or (FULL_BLOCK if not gather else ACCUMULATE_BLOCK if accumulate else GATHER_BLOCK)
+    rows = 1 if gather else FULL_ROWS
+    tiles = chunk_tiles or CHUNK_TILES
+    offsets_dev, block_layer, first_block, num_programs = _block_table(offsets, block * tiles, device)
+    while chunk_tiles is None and tiles > 1 and num_programs < _min_programs(device):
+        tiles //= 2
+        offsets_dev, block_layer, first_block, num_programs = _block_table(offsets, block * tiles, device)
+    chunk = block * tiles
     counters = _arrival_counters(num_layers, device)
     code = METRIC_CODES[metric]
     passes = (NORMS.value, code) if code == L1_NORMALIZED.value else (code,)
@@ -296,6 +338,7 @@ def _launch(query, sample, count, bank, index, offsets, metric, accumulate, chun
                 ACCUMULATE=accumulate and i == 0,
                 COUNT_ON_DEVICE=count_on_device,
                 ALIGNED=aligned,
+                ROWS=rows,
                 BLOCK=block,
                 REDUCE_BLOCK=REDUCE_BLOCK,
                 num_warps=NUM_WARPS,
@@ -310,8 +353,8 @@ def pairwise_similarity(
     index: torch.Tensor | None = None,
     offsets: tuple[int, ...] | None = None,
     *,
-    chunk_tiles: int = CHUNK_TILES,
-    block: int = BLOCK,
+    chunk_tiles: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Full or gathered similarity (see :func:`treelora.ops.pairwise_similarity` for the contract; inputs validated).
 
@@ -322,7 +365,7 @@ def pairwise_similarity(
         index: optional (L,) int64/int32 device tensor: the gathered form.
         offsets: L + 1 host ints for the ragged layout.
         chunk_tiles, block: elements per program are ``chunk_tiles * block`` (tests shrink them to exercise the
-            multi-program reduction on small inputs).
+            multi-program reduction on small inputs); None picks the form's tile and CHUNK_TILES.
 
     Returns:
         (T, L) fp32, or (L,) fp32 with ``index``.
@@ -340,8 +383,8 @@ def accumulate_and_compare_(
     metric: str,
     offsets: tuple[int, ...] | None = None,
     *,
-    chunk_tiles: int = CHUNK_TILES,
-    block: int = BLOCK,
+    chunk_tiles: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """``mean += (sample - mean) / count`` in place and the gathered similarity of the new mean, in one pass (two for
     ``l1_normalized``: the first pass updates the mean and takes the norms).
