@@ -2,18 +2,20 @@
 
 Tables (each a Markdown table of mean ± standard deviation over the seeds, with the commands and the machine):
 
-* ``default``: the built-in default run (``treelora run``: wordnet-supersense on minilm, TreeLoRA vs SeqLoRA);
+* ``supersense``: the task-incremental stream wordnet-supersense on minilm, TreeLoRA vs SeqLoRA;
 * ``instruct``: wordnet-instruct on smollm2-135m, TreeLoRA vs SeqLoRA, few steps per task (CPU budget);
-* ``baselines``: O-LoRA, EWC and joint multitask training on the default run;
+* ``supersense-baselines``: O-LoRA, EWC and joint multitask training on wordnet-supersense;
 * ``instruct-ablation``: TreeLoRA on the instruct stream with the released scripts' lambda (0.5);
-* ``ablation``: TreeLoRA variants on the default run (regularizer off, lambda, random search, split rule, update
-  density, the official preset), each one ``--method-option`` away from the default.
+* ``supersense-ablation``: TreeLoRA variants on wordnet-supersense (regularizer off, lambda, random search, split
+  rule, update density, the official preset), each one ``--method-option`` away from its defaults.
+
+The default stream's tables (wordnet-classil) come from ``treelora compare`` (see the README's Results section).
 
 Usage::
 
-    python scripts/readme_tables.py default [--seeds 0,1,2] [--root readme-runs] [--resume]
+    python scripts/readme_tables.py supersense [--seeds 0,1,2] [--root readme-runs] [--resume]
     python scripts/readme_tables.py instruct
-    python scripts/readme_tables.py ablation
+    python scripts/readme_tables.py supersense-ablation
 
 Every run is a separate ``python -m treelora run`` process (its peak memory is its own) writing into
 ``<root>/<table>/<variant>-seed<s>``; ``--resume`` continues interrupted runs from their checkpoints. The table is
@@ -34,23 +36,24 @@ from pathlib import Path
 from treelora.cl import method_label
 
 INSTRUCT_ARGS = ["--stream", "wordnet-instruct", "--model", "smollm2-135m"]
+SUPERSENSE = ["--stream", "wordnet-supersense"]
 # name -> (extra `treelora run` arguments, methods)
 TABLES: dict[str, dict[str, tuple[list[str], str]]] = {
-    "default": {"default": ([], "TreeLoRA,SeqLoRA")},
+    "supersense": {"default": (SUPERSENSE, "TreeLoRA,SeqLoRA")},
     "instruct": {"instruct": (INSTRUCT_ARGS, "TreeLoRA,SeqLoRA")},
-    "baselines": {"default": ([], "O-LoRA,EWC,Joint")},
+    "supersense-baselines": {"default": (SUPERSENSE, "O-LoRA,EWC,Joint")},
     "instruct-ablation": {"lambda-0.5": ([*INSTRUCT_ARGS, "--method-option", "reg_lambda=0.5"], "TreeLoRA")},
-    "ablation": {
-        "regularizer-none": (["--method-option", "regularizer=none"], "TreeLoRA"),
-        "lambda-0.5": (["--method-option", "reg_lambda=0.5"], "TreeLoRA"),
-        "lambda-1": (["--method-option", "reg_lambda=1.0"], "TreeLoRA"),
-        "lambda-4": (["--method-option", "reg_lambda=4.0"], "TreeLoRA"),
-        "search-random": (["--method-option", "search=random"], "TreeLoRA"),
-        "split-mean_dot": (["--method-option", "split=mean_dot"], "TreeLoRA"),
-        "split-mean_distance": (["--method-option", "split=mean_distance"], "TreeLoRA"),
-        "density-0.5": (["--method-option", "update_density=0.5"], "TreeLoRA"),
-        "density-0.1": (["--method-option", "update_density=0.1"], "TreeLoRA"),
-        "official-preset": (["--method-option", "preset=official"], "TreeLoRA"),
+    "supersense-ablation": {
+        "regularizer-none": ([*SUPERSENSE, "--method-option", "regularizer=none"], "TreeLoRA"),
+        "lambda-0.5": ([*SUPERSENSE, "--method-option", "reg_lambda=0.5"], "TreeLoRA"),
+        "lambda-1": ([*SUPERSENSE, "--method-option", "reg_lambda=1.0"], "TreeLoRA"),
+        "lambda-4": ([*SUPERSENSE, "--method-option", "reg_lambda=4.0"], "TreeLoRA"),
+        "search-random": ([*SUPERSENSE, "--method-option", "search=random"], "TreeLoRA"),
+        "split-mean_dot": ([*SUPERSENSE, "--method-option", "split=mean_dot"], "TreeLoRA"),
+        "split-mean_distance": ([*SUPERSENSE, "--method-option", "split=mean_distance"], "TreeLoRA"),
+        "density-0.5": ([*SUPERSENSE, "--method-option", "update_density=0.5"], "TreeLoRA"),
+        "density-0.1": ([*SUPERSENSE, "--method-option", "update_density=0.1"], "TreeLoRA"),
+        "official-preset": ([*SUPERSENSE, "--method-option", "preset=official"], "TreeLoRA"),
     },
 }
 COLUMNS = [
