@@ -25,7 +25,7 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def fake_result(method: str, seed: int, acc: float, bwt: float, fwt: float | None = None, n: int = 3) -> dict:
+def fake_result(method: str, seed: int, acc: float, bwt: float | None, fwt: float | None = None, n: int = 3) -> dict:
     """A results.json entry: R's last row averages to ``acc`` (fractions), as a run's would."""
     R = [[None] * n for _ in range(n)]
     for i in range(n):
@@ -216,6 +216,26 @@ def test_report_writes_the_table_files_and_both_plots(tmp_path):
     assert any("(selected)" in line for line in lines)
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
     assert csv_rows[0].startswith("method,option,value,seeds,acc_mean") and len(csv_rows) == 4
+
+
+def test_joint_training_has_no_bwt_in_the_table_and_no_point_in_the_plane(tmp_path):
+    """Joint training is one stage: its BWT is null; the table shows '-' and the ACC-BWT plot leaves it out."""
+    paths = [
+        write_payload(
+            tmp_path / f"s{seed}" / "results.json",
+            [fake_result("seqlora", seed, 0.5, 0.2), fake_result("joint", seed, 0.6 + 0.1 * seed, None)],
+        )
+        for seed in (0, 1)
+    ]
+    groups = compare.collect(paths)
+    rows = {r["method"]: r for r in compare.summary_rows(groups, None)}
+    assert rows["joint"]["bwt_mean"] is None and rows["joint"]["acc_mean"] == pytest.approx(65.0)
+    assert rows["seqlora"]["bwt_mean"] == pytest.approx(20.0)
+    table = compare.format_summary(list(rows.values()))
+    joint_line = next(line for line in table.splitlines() if line.startswith("| Joint"))
+    assert joint_line.split("|")[3].strip() == "-"
+    compare.plot_tradeoff(groups, tmp_path / "t.png", None, {})
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG
 
 
 # --- the command ---------------------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ class Group:
 
     Attributes:
         method: registry name. value: the swept option's value (None for a method that is not swept).
-        seeds: the seeds, sorted. acc, bwt, fwt: per seed, in percent (fwt: None where the run had none).
+        seeds: the seeds, sorted. acc, bwt, fwt: per seed, in percent (bwt, fwt: None where the run had none).
         matrices: per seed, the (N, N) accuracy matrix in percent (NaN where not measured).
     """
 
@@ -231,7 +231,7 @@ class Group:
     value: Any
     seeds: list[int] = field(default_factory=list)
     acc: list[float] = field(default_factory=list)
-    bwt: list[float] = field(default_factory=list)
+    bwt: list[float | None] = field(default_factory=list)
     fwt: list[float | None] = field(default_factory=list)
     matrices: list[np.ndarray] = field(default_factory=list)
     task_names: list[str] = field(default_factory=list)
@@ -276,7 +276,7 @@ def collect(paths: Sequence[str | Path], sweep: Sweep | None = None) -> list[Gro
             m = r["metrics"]
             group.seeds.append(seed)
             group.acc.append(100 * m["acc"])
-            group.bwt.append(100 * m["bwt"])
+            group.bwt.append(None if m.get("bwt") is None else 100 * m["bwt"])
             group.fwt.append(None if m.get("fwt") is None else 100 * m["fwt"])
             group.matrices.append(100 * np.array([[math.nan if v is None else v for v in row] for row in r["R"]]))
     for group in groups.values():
@@ -308,7 +308,9 @@ def summary_rows(groups: Sequence[Group], option: str | None) -> list[dict[str, 
     """One row per group under :data:`SUMMARY_COLUMNS` (percent; fwt_* None when any seed has no FWT)."""
     rows = []
     for g in groups:
-        acc, bwt = mean_sd(g.acc), mean_sd(g.bwt)
+        acc = mean_sd(g.acc)
+        # Joint training has no BWT (one stage); FWT exists only through a head that means something before training.
+        bwt = mean_sd(g.bwt) if all(v is not None for v in g.bwt) else (None, None)
         fwt = mean_sd(g.fwt) if all(v is not None for v in g.fwt) else (None, None)
         rows.append(
             {
@@ -337,7 +339,8 @@ def format_summary(rows: Sequence[dict[str, Any]], chosen: dict[str, Group] | No
         name = method_label(r["method"]) + (f" {r['option']}={r['value']}" if r["option"] else "")
         picked = chosen is not None and r["method"] in chosen and chosen[r["method"]].value == r["value"]
         cells = [name + (" (selected)" if picked else "")]
-        cells += [f"{r['acc_mean']:.1f} +- {r['acc_sd']:.1f}", f"{r['bwt_mean']:.1f} +- {r['bwt_sd']:.1f}"]
+        cells.append(f"{r['acc_mean']:.1f} +- {r['acc_sd']:.1f}")
+        cells.append("-" if r["bwt_mean"] is None else f"{r['bwt_mean']:.1f} +- {r['bwt_sd']:.1f}")
         if with_fwt:
             cells.append("-" if r["fwt_mean"] is None else f"{r['fwt_mean']:.1f} +- {r['fwt_sd']:.1f}")
         cells.append(",".join(map(str, r["seeds"])))
@@ -382,7 +385,8 @@ def plot_tradeoff(groups: Sequence[Group], path: str | Path, option: str | None,
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     by_method: dict[str, list[Group]] = {}
     for g in groups:
-        by_method.setdefault(g.method, []).append(g)
+        if all(v is not None for v in g.bwt):  # a run without BWT (joint training) has no point in this plane
+            by_method.setdefault(g.method, []).append(g)
     for method, gs in by_method.items():
         acc = [mean_sd(g.acc) for g in gs]
         bwt = [mean_sd(g.bwt) for g in gs]
