@@ -21,6 +21,17 @@ from treelora.cl.batching import seeded_generator
 from treelora.cl.method import ContinualMethod, Objective, OptimizerConfig
 
 
+def _require_frozen_stack(layers: Sequence[nn.Module], method: str) -> None:
+    """TypeError naming the first layer without a frozen adapter stack (``freeze_adapter``, ``frozen_A``: the
+    treelora.nn.LoRALinear interface that O-LoRA and InfLoRA push finished adapters onto)."""
+    for i, layer in enumerate(layers):
+        if not (hasattr(layer, "freeze_adapter") and hasattr(layer, "frozen_A")):
+            raise TypeError(
+                f"layers[{i}] is a {type(layer).__name__}; {method} needs treelora.nn.LoRALinear layers "
+                "(a frozen adapter stack)"
+            )
+
+
 class SeqLoRA(ContinualMethod):
     """Sequential fine-tuning (SeqLoRA): one shared LoRA adapter per layer trained task after task with no protection
     against forgetting, the lower bound every method should beat.
@@ -102,12 +113,7 @@ class OLoRA(SeqLoRA):
     ) -> None:
         self.check_options({"lambda_orth": lambda_orth, "lambda_l2": lambda_l2})
         super().__init__(layers, optimizer)
-        for i, layer in enumerate(self.layers):
-            if not (hasattr(layer, "freeze_adapter") and hasattr(layer, "frozen_A")):
-                raise TypeError(
-                    f"layers[{i}] is a {type(layer).__name__}; O-LoRA needs treelora.nn.LoRALinear layers "
-                    "(a frozen adapter stack)"
-                )
+        _require_frozen_stack(self.layers, "O-LoRA")
         self.lambda_orth, self.lambda_l2 = float(lambda_orth), float(lambda_l2)
 
     def begin_task(self, task_id: int, steps_per_epoch: int, epochs: int) -> None:
@@ -567,12 +573,8 @@ class InfLoRA(SeqLoRA):
     ) -> None:
         self.check_options({"inflora_threshold": inflora_threshold, "inflora_batches": inflora_batches})
         super().__init__(layers, optimizer)
+        _require_frozen_stack(self.layers, "InfLoRA")
         for i, layer in enumerate(self.layers):
-            if not (hasattr(layer, "freeze_adapter") and hasattr(layer, "frozen_A")):
-                raise TypeError(
-                    f"layers[{i}] is a {type(layer).__name__}; InfLoRA needs treelora.nn.LoRALinear layers "
-                    "(a frozen adapter stack)"
-                )
             if layer.r > layer.in_features:
                 raise ValueError(f"layers[{i}] has rank {layer.r} > in_features {layer.in_features}")
             layer.lora_A.requires_grad_(False)  # designed at every task start, never trained
